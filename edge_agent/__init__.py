@@ -1,0 +1,1 @@
+"""The per-door edge agent (camera -> detect -> track -> encode -> match -> events)."""

@@ -1,0 +1,1 @@
+"""The central enrollment server (people, enrollment, gallery publication, attendance ingest)."""
