@@ -1,0 +1,359 @@
+"""model-tool: the face models from the command line.
+
+Machine-readable output (detect, embed, verify, identify, inspect) is JSON on stdout, one line per input;
+progress and logs go to stderr. Exit codes: 0 all inputs processed, 1 some inputs were rejected (each has an
+"error" line), 2 bad usage or a fatal error, 3 a required runtime (TensorRT, dlib) is not available here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import BackendUnavailableError, FaceAttendError, ImageError, ModelError
+
+log = logging.getLogger("model-tool")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FATAL, EXIT_UNAVAILABLE = 0, 1, 2, 3
+CHUNK = 8  # images decoded and encoded together: bounds memory while keeping encoder batches full
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - the import is deferred to keep --help instant
+    from models.detector import DetectorConfig
+    from models.pipeline import FacePipeline, PipelineConfig
+
+    det = DetectorConfig(max_side=args.max_side, score_threshold=args.score_threshold)
+    return FacePipeline.create(PipelineConfig(backend=args.backend, threads=args.threads, detector=det))
+
+
+def _inputs(paths: Sequence[str], list_file: str | None) -> list[Path]:
+    from models.imageio import list_images
+
+    items: list[str | Path] = list(paths)
+    if list_file:
+        try:
+            text = Path(list_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageError(f"--list {list_file}: cannot read ({exc})") from exc
+        items.extend(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if not items:
+        raise ImageError("no input images given")
+    return list_images(items)
+
+
+def _load_chunks(paths: list[Path]) -> Iterator[list[tuple[Path, np.ndarray | None, str | None]]]:
+    """Decoded images in chunks; a file that fails to decode carries its error instead of pixels."""
+    from models.imageio import load_image
+
+    for start in range(0, len(paths), CHUNK):
+        chunk = []
+        for p in paths[start : start + CHUNK]:
+            try:
+                chunk.append((p, load_image(p), None))
+            except ImageError as exc:
+                chunk.append((p, None, str(exc)))
+        yield chunk
+
+
+def _progress(total: int, desc: str, enabled: bool = True) -> Callable[[int], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled or total < 2, leave=False)
+
+    def step(n: int = 1) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return step
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    paths = _inputs(args.images, None)
+    pipe = _pipeline(args)
+    out_path = Path(args.out) if args.out else None
+    if out_path and len(paths) > 1:
+        out_path.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for chunk in _load_chunks(paths):
+        for path, image, error in chunk:
+            if image is None:
+                failed += 1
+                _emit({"path": str(path), "error": error})
+                continue
+            faces = pipe.detect(image)
+            record = {"path": str(path), "width": image.shape[1], "height": image.shape[0]}
+            record["faces"] = [f.to_json() for f in faces]
+            if out_path:
+                from models.drawing import draw_detections, write_png
+
+                target = out_path / f"{path.stem}.png" if len(paths) > 1 else out_path
+                write_png(target, draw_detections(image, faces))
+                record["annotated"] = str(target)
+            _emit(record)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    paths = _inputs(args.paths, args.list)
+    pipe = _pipeline(args)
+    step = _progress(len(paths), "embed", not args.quiet)
+    failed = 0
+    for chunk in _load_chunks(paths):
+        ok = [(p, im) for p, im, _ in chunk if im is not None]
+        results = pipe.embed_many([im for _, im in ok])
+        by_path = {str(p): r for (p, _), r in zip(ok, results)}
+        for path, image, error in chunk:
+            if image is None:
+                failed += 1
+                _emit({"path": str(path), "error": error})
+            else:
+                faces = by_path[str(path)]
+                _emit({"path": str(path), "faces": [f.to_json() for f in faces]})
+        step(len(chunk))
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _largest_face(pipe, path: str):  # noqa: ANN001, ANN202
+    from models.imageio import load_image
+
+    faces = pipe.embed(load_image(path))
+    if not faces:
+        raise ImageError(f"{path}: no face found")
+    if len(faces) > 1:
+        log.warning("%s: %d faces, using the largest", path, len(faces))
+    return max(faces, key=lambda f: f.detection.width * f.detection.height)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args)
+    a, b = _largest_face(pipe, args.a), _largest_face(pipe, args.b)
+    distance = float(np.linalg.norm(a.embedding - b.embedding))
+    _emit(
+        {
+            "a": args.a,
+            "b": args.b,
+            "distance": round(distance, 4),
+            "threshold": args.threshold,
+            "same_person": distance <= args.threshold,
+            "metric": "euclidean",
+        }
+    )
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnx
+
+    from models.backends import tensorrt_available
+    from models.fingerprint import encoder_fingerprint
+    from models.registry import MANIFESTS, detector_onnx_bytes, encoder_onnx_path, sha256_bytes
+
+    graphs = {"retinaface_mnet025": detector_onnx_bytes(), "dlib_resnet_v1": encoder_onnx_path().read_bytes()}
+    models = []
+    for name, manifest in MANIFESTS.items():
+        data = graphs[name]
+        graph = onnx.load_model_from_string(data)
+        entry = manifest.to_json()
+        entry["onnx"] = {
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "nodes": len(graph.graph.node),
+            "inputs": [i.name for i in graph.graph.input],
+            "outputs": [o.name for o in graph.graph.output],
+            "cached_at": str(encoder_onnx_path()) if manifest.role == "face encoder" else None,
+        }
+        models.append(entry)
+    fp = encoder_fingerprint()
+    trt_ok, trt_reason = tensorrt_available()
+    _emit(
+        {
+            "models": models,
+            "encoder_fingerprint": fp.value,
+            "fingerprint_fields": fp.fields,
+            "backends": {"onnxruntime": True, "tensorrt": trt_ok, "tensorrt_reason": trt_reason},
+        }
+    )
+    return EXIT_OK
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from models.engines import build_engines
+
+    for record in build_engines(precision=args.precision, max_batch=args.max_batch, max_side=args.max_side):
+        _emit(record)
+    return EXIT_OK
+
+
+def cmd_fit_alignment(args: argparse.Namespace) -> int:
+    from models.alignment import TEMPLATE
+    from models.imageio import list_images
+    from models.template_fit import DlibReference, compare_with_dlib, fit_template
+
+    images = list_images([args.dataset])
+    pipe = _pipeline(args)
+    reference = DlibReference()
+
+    def landmarks(image: np.ndarray) -> list:
+        return [(d.bbox, d.landmarks_array()) for d in pipe.detect(image)]
+
+    def embed(image: np.ndarray) -> list:
+        return [(f.detection.bbox, f.embedding) for f in pipe.embed(image)]
+
+    fit = fit_template(images, landmarks, reference)
+    agreement = compare_with_dlib(images, embed, reference, _progress(len(images), "compare", not args.quiet))
+    _emit(
+        {
+            "faces": fit.faces,
+            "fitted_template": np.round(fit.template, 2).tolist(),
+            "spread_px": np.round(fit.spread_px, 2).tolist(),
+            "current_template": np.round(TEMPLATE, 2).tolist(),
+            "agreement_with_dlib": {
+                "faces": len(agreement.distances),
+                "images": agreement.images,
+                "images_without_a_common_face": agreement.skipped,
+                "median_distance": round(agreement.median, 4),
+                "p90_distance": round(agreement.p90, 4),
+                "max_distance": round(max(agreement.distances), 4) if agreement.distances else None,
+            },
+        }
+    )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The face pipeline on images every install has (scikit-image's sample photos)."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise ModelError("the demo uses scikit-image's sample photos: pip install 'faceattend[demo]'") from exc
+    import cv2
+
+    from models.fingerprint import encoder_fingerprint
+
+    pipe = _pipeline(args)
+    astronaut = np.ascontiguousarray(data.astronaut()[:, :, :3])
+    cameraman = np.ascontiguousarray(np.repeat(data.camera()[:, :, None], 3, axis=2))
+    # the same person again, as a second camera would see her: mirrored, smaller, darker
+    variant = cv2.convertScaleAbs(cv2.resize(astronaut[:, ::-1], (384, 384), interpolation=cv2.INTER_AREA), alpha=0.7)
+    print(f"encoder fingerprint {encoder_fingerprint().value}, backend {args.backend}")
+    faces = {}
+    for name, image in (("astronaut", astronaut), ("astronaut, mirrored + scaled + darker", variant), ("cameraman", cameraman)):
+        found = pipe.embed(image)
+        print(f"{name}: {image.shape[1]}x{image.shape[0]}, {len(found)} face(s)")
+        for f in found:
+            x1, y1, x2, y2 = f.detection.bbox
+            print(
+                f"  box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) score {f.detection.score:.3f}, "
+                f"embedding dim {f.embedding.shape[0]}, norm {np.linalg.norm(f.embedding):.4f}"
+            )
+        if not found:
+            raise ImageError(f"demo: no face found in {name}")
+        faces[name] = max(found, key=lambda f: f.detection.width * f.detection.height).embedding
+    names = list(faces)
+    for other in names[1:]:
+        d = float(np.linalg.norm(faces[names[0]] - faces[other]))
+        verdict = "same person" if d <= args.threshold else "different people"
+        print(f"verify astronaut vs {other}: distance {d:.4f} -> {verdict} (threshold {args.threshold})")
+    if args.out:
+        from models.drawing import draw_detections, write_png
+
+        write_png(Path(args.out), draw_detections(astronaut, pipe.detect(astronaut)))
+        print(f"annotated image: {args.out}")
+    return EXIT_OK
+
+
+# ---- argument parsing -----------------------------------------------------------------------------------------
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
+    p.add_argument("--max-side", type=int, default=640, help="detector input long-side cap in pixels")
+    p.add_argument("--score-threshold", type=float, default=0.7, help="detector confidence threshold")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-tool", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("detect", help="faces, boxes and landmarks per image (JSON lines)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", help="annotated PNG (a folder when several images are given)")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("embed", help="128-d embedding of every face (JSON lines)")
+    p.add_argument("paths", nargs="*", help="image files or folders")
+    p.add_argument("--list", help="file with one image path per line")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("verify", help="are the largest faces of A and B the same person?")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--threshold", type=float, default=0.6, help="Euclidean distance threshold (dlib's 0.6)")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="model manifests, ONNX graphs, fingerprint, available backends")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("build-engine", help="build (or reuse) the TensorRT engines on this device")
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-side", type=int, default=640)
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("fit-alignment", help="derive the alignment template from dlib's chips (needs dlib-bin)")
+    p.add_argument("dataset")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_fit_alignment)
+
+    p = sub.add_parser("demo", help="the pipeline on sample photos: detections, embedding norm, verification")
+    p.add_argument("--threshold", type=float, default=0.6)
+    p.add_argument("--out", help="write the annotated astronaut here (PNG)")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except BackendUnavailableError as exc:
+        print(f"model-tool: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (FaceAttendError, ModelError) as exc:
+        print(f"model-tool: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
