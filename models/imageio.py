@@ -61,9 +61,20 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
         raise ImageError(f"{path}: permission denied") from exc
 
 
+def _refuse_truncated_images() -> None:
+    """Some libraries (face_recognition, at import) switch PIL into padding truncated files with grey; a
+    half-received camera upload must be refused instead, so the process-wide flag is put back, once, loudly."""
+    from PIL import ImageFile
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        log.warning("PIL was set to accept truncated images (by another library); turning that off")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def decode_image(data: bytes, label: str, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    _refuse_truncated_images()
     try:
         with warnings.catch_warnings():
             # our own pixel limit applies; PIL's bomb warning would only duplicate it

@@ -278,6 +278,111 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _peer_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("face_recognition") is not None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+
+    from models.eval_embed import embed_ours, embed_peer
+    from models.evaluation import build_protocol, evaluate, load_embeddings_npz, plot_roc, save_embeddings_npz
+    from models.evaluation import write_summary
+
+    root = Path(args.dataset)
+    if not root.is_dir():
+        raise ImageError(f"{root}: not a folder (expected one sub-folder of images per identity)")
+    protocol = build_protocol(root, n_pairs=args.pairs)
+    images = list(protocol.images)
+    pipe = _pipeline(args)
+    t0 = time.perf_counter()
+    ours = embed_ours(root, images, pipe, _progress(len(images), "ours", not args.quiet))
+    ours_ms = (time.perf_counter() - t0) * 1e3 / len(images)
+    reports = [evaluate(protocol, ours, system="faceattend")]
+    timings = {"faceattend": ours_ms}
+    if args.peer != "off" and (args.peer == "on" or _peer_available()):
+        cache = Path(args.peer_cache) if args.peer_cache else None
+        if cache and cache.is_file():
+            peer = load_embeddings_npz(cache)
+            timings["face_recognition"] = float("nan")
+        else:
+            t0 = time.perf_counter()
+            peer = embed_peer(root, images, _progress(len(images), "face_recognition", not args.quiet))
+            timings["face_recognition"] = (time.perf_counter() - t0) * 1e3 / len(images)
+            if cache:
+                save_embeddings_npz(cache, peer)
+        reports.append(evaluate(protocol, peer, system="face_recognition"))
+    print(format_eval(reports, timings))
+    if args.json:
+        write_summary(reports, args.json)
+        print(f"summary: {args.json}")
+    if args.roc:
+        plot_roc(reports, args.roc)
+        print(f"ROC / DIR plot: {args.roc}")
+    return EXIT_OK
+
+
+def format_eval(reports: list, timings: dict[str, float]) -> str:
+    rows = [
+        ("missing faces", lambda r: f"{r.reference.missing}"),
+        ("verification accuracy (10-fold)", lambda r: f"{r.reference.verif_acc:.3f}"),
+        ("TAR @ FAR 1e-2", lambda r: f"{r.reference.tar_far1e2:.3f}"),
+        ("TAR @ FAR 1e-3", lambda r: f"{r.reference.tar_far1e3:.3f}"),
+        ("rank-1 (one-shot)", lambda r: f"{r.reference.rank1:.3f}"),
+        ("DIR @ FPIR 1e-2 (reference scorer)", lambda r: f"{r.reference.dir_fpir1e2:.3f}"),
+        ("DIR @ FPIR 1e-3 (reference scorer)", lambda r: f"{r.reference.dir_fpir1e3:.3f}"),
+        ("recommended distance threshold", lambda r: f"{r.verification.recommended:.3f}"),
+        ("EER", lambda r: f"{r.verification.eer:.3f}"),
+    ]
+    for p in reports[0].open_set:
+        rule, sset, fpir = p.point.rule.rule, p.stranger_set, p.point.target_fpir
+
+        def cell(r, rule=rule, sset=sset, fpir=fpir) -> str:
+            pt = r.point(rule, sset, fpir)
+            flag = "" if pt.resolvable else "*"
+            return f"{pt.dir:.3f}{flag} @{pt.rule.threshold:.3f}" if pt.dir is not None else "-"
+
+        rows.append((f"DIR @ FPIR {fpir:g}, {rule} rule, {sset}", cell))
+    rows.append(("ms per image (embedding)", lambda r: f"{timings.get(r.system, float('nan')):.0f}"))
+    width = max(len(name) for name, _ in rows) + 2
+    head = f"{'':<{width}}" + "".join(f"{r.system:>22}" for r in reports)
+    lines = [head] + [f"{name:<{width}}" + "".join(f"{fn(r):>22}" for r in reports) for name, fn in rows]
+    sets = ", ".join(f"{s.name}: {s.n_strangers} strangers" for s in reports[0].stranger_sets)
+    lines.append(f"stranger sets: {sets}; * = FPIR target finer than 1/strangers (not resolvable on this set)")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from models.bench import format_report, run_bench
+    from models.imageio import list_images, load_image
+
+    if args.images:
+        paths = list_images(args.images)[: args.limit]
+        images = [load_image(p) for p in paths]
+    else:
+        try:
+            from skimage import data
+        except ImportError as exc:
+            raise ModelError("give IMAGES to benchmark on, or install scikit-image for its sample photos") from exc
+        images = [np.ascontiguousarray(data.astronaut()[:, :, :3])]
+    pipe = _pipeline(args)
+    report = run_bench(
+        pipe,
+        images,
+        backend=args.backend,
+        threads=args.threads,
+        rounds=args.rounds,
+        with_peer=not args.no_peer,
+        progress=None if args.quiet else lambda msg: print(f"bench: {msg}", file=sys.stderr),
+    )
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return EXIT_OK
+
+
 # ---- argument parsing -----------------------------------------------------------------------------------------
 
 
@@ -326,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_fit_alignment)
+
+    p = sub.add_parser("eval", help="the DESIGN.md protocol on a folder-per-identity dataset, next to the peer")
+    p.add_argument("dataset")
+    p.add_argument("--pairs", type=int, default=300, help="genuine and impostor pairs each (default 300)")
+    p.add_argument("--json", help="write the JSON summary here")
+    p.add_argument("--roc", default="eval-roc.png", help="ROC / DIR plot (PNG; default eval-roc.png)")
+    p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition side by side")
+    p.add_argument("--peer-cache", help="reuse / store the peer's embeddings in this .npz")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="ms per frame / face / image next to face_recognition, peak RSS")
+    p.add_argument("images", nargs="*", help="photos or folders (default: scikit-image's astronaut)")
+    p.add_argument("--limit", type=int, default=24, help="at most this many images")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-peer", action="store_true", help="skip face_recognition")
+    p.add_argument("--json", help="write the figures here")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the pipeline on sample photos: detections, embedding norm, verification")
     p.add_argument("--threshold", type=float, default=0.6)
