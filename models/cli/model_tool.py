@@ -278,6 +278,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]]:  # noqa: ANN001
+    """Templates from a folder per person: the largest face of each photo; rejected photos are reported."""
+    from models.imageio import list_images, load_image
+
+    people = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not people:
+        raise ImageError(f"--gallery {root}: expected a folder with one sub-folder of photos per person")
+    templates, labels, rejected = [], [], []
+    for person in people:
+        for path in list_images([person]):
+            try:
+                faces = pipe.embed(load_image(path))
+                if not faces:
+                    raise ImageError(f"{path}: no face found")
+            except ImageError as exc:
+                rejected.append({"gallery_photo": str(path), "error": str(exc)})
+                continue
+            templates.append(max(faces, key=lambda f: f.detection.width * f.detection.height).embedding)
+            labels.append(person.name)
+    if not templates:
+        raise ImageError(f"--gallery {root}: no usable face in any photo")
+    return np.stack(templates), labels, rejected
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    from models.decision import DecisionRule, Neighbours
+
+    rule = DecisionRule.from_dict(
+        {"rule": args.rule, "threshold": args.threshold}
+        | ({"max_distance": args.max_distance} if args.rule != "distance" else {})
+    )
+    pipe = _pipeline(args)
+    gallery, labels, rejected = _enroll_gallery(pipe, Path(args.gallery))
+    for r in rejected:
+        _emit(r)
+    log.info("gallery: %d templates of %d people", len(labels), len(set(labels)))
+    paths = _inputs(args.probes, args.probe_list)
+    failed = 0
+    for chunk in _load_chunks(paths):
+        ok = [(p, im) for p, im, _ in chunk if im is not None]
+        results = dict(zip((str(p) for p, _ in ok), pipe.embed_many([im for _, im in ok])))
+        for path, image, error in chunk:
+            if image is None:
+                failed += 1
+                _emit({"path": str(path), "error": error})
+                continue
+            faces = results[str(path)]
+            record: dict = {"path": str(path), "faces": []}
+            if faces:
+                decisions = rule.decide(Neighbours.from_embeddings(np.stack([f.embedding for f in faces]), gallery, labels))
+                for face, decision in zip(faces, decisions):
+                    entry = face.detection.to_json()
+                    entry["identity"] = decision.person_id if decision.accepted else "unknown"
+                    entry["decision"] = decision.to_json()
+                    record["faces"].append(entry)
+            _emit(record)
+    return EXIT_PARTIAL if failed or rejected else EXIT_OK
+
+
 def _peer_available() -> bool:
     import importlib.util
 
@@ -432,6 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_fit_alignment)
 
+    p = sub.add_parser("identify", help="who is each probe face? open-set decision against a gallery folder")
+    p.add_argument("probes", nargs="*", help="probe images or folders")
+    p.add_argument("--gallery", required=True, help="folder with one sub-folder of photos per person")
+    p.add_argument("--probe-list", help="file with one probe path per line")
+    p.add_argument("--rule", choices=("distance", "ratio", "margin"), default="ratio")
+    p.add_argument("--threshold", type=float, help="the rule's threshold (default: calibrated on the dev set)")
+    p.add_argument("--max-distance", type=float, default=0.6, help="distance cap of the ratio / margin rules")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_identify)
+
     p = sub.add_parser("eval", help="the DESIGN.md protocol on a folder-per-identity dataset, next to the peer")
     p.add_argument("dataset")
     p.add_argument("--pairs", type=int, default=300, help="genuine and impostor pairs each (default 300)")
@@ -462,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is cmd_identify and args.threshold is None:
+        from models.decision import DEFAULT_THRESHOLDS
+
+        args.threshold = DEFAULT_THRESHOLDS[args.rule]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
