@@ -10,10 +10,7 @@ from pathlib import Path
 def cache_dir() -> Path:
     """The cache root: $FACEATTEND_CACHE, else $XDG_CACHE_HOME/faceattend, else ~/.cache/faceattend."""
     env = os.environ.get("FACEATTEND_CACHE")
-    if env:
-        root = Path(env)
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faceattend"
+    root = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faceattend"
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -22,10 +22,8 @@ def draw_detections(image: np.ndarray, detections: list[Detection], labels: list
         x1, y1, x2, y2 = (round(v) for v in det.bbox)
         cv2.rectangle(out, (x1, y1), (x2, y2), (0, 220, 0), thickness)
         text = labels[i] if labels else f"{det.score:.2f}"
-        cv2.putText(
-            out, text, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 220, 0), thickness
-        )
-        for (x, y), colour in zip(det.landmarks, _LANDMARK_COLOURS):
+        cv2.putText(out, text, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 220, 0), thickness)
+        for (x, y), colour in zip(det.landmarks, _LANDMARK_COLOURS, strict=True):
             cv2.circle(out, (round(x), round(y)), thickness + 1, colour, -1)
     return out
 

@@ -30,7 +30,9 @@ class FaceEncoder:
         self._max_batch = max_batch
 
     @classmethod
-    def create(cls, backend: str = "onnxruntime", *, threads: int | None = None, max_batch: int = MAX_BATCH) -> FaceEncoder:
+    def create(
+        cls, backend: str = "onnxruntime", *, threads: int | None = None, max_batch: int = MAX_BATCH
+    ) -> FaceEncoder:
         return cls(
             create_backend(
                 backend, encoder_onnx_path(), label=ENCODER.name, profile=encoder_profile(max_batch), threads=threads

@@ -48,12 +48,12 @@ def embed_ours(
             except ImageError as exc:
                 log.warning("eval: %s", exc)
                 pixels.append(None)
-        loaded = [(n, p) for n, p in zip(names, pixels) if p is not None]
+        loaded = [(n, p) for n, p in zip(names, pixels, strict=True) if p is not None]
         results = pipeline.embed_many([p for _, p in loaded])
-        for (name, p), faces in zip(loaded, results):
+        for (name, p), faces in zip(loaded, results, strict=True):
             face = central_face(faces, p.shape[0], p.shape[1])
             out[name] = None if face is None else face.embedding
-        for name, p in zip(names, pixels):
+        for name, p in zip(names, pixels, strict=True):
             if p is None:
                 out[name] = None
         if progress:

@@ -47,7 +47,9 @@ class FacePipeline:
     def encode_detections(
         self, images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]]
     ) -> list[list[FaceEmbedding]]:
-        chips = [align_faces(img, [d.landmarks_array() for d in dets]) for img, dets in zip(images, detections)]
+        chips = [
+            align_faces(img, [d.landmarks_array() for d in dets]) for img, dets in zip(images, detections, strict=True)
+        ]
         nonempty = [c for c in chips if len(c)]
         if not nonempty:
             return [[] for _ in images]

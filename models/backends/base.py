@@ -24,7 +24,7 @@ class ShapeProfile:
 
     def admits(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.min_shape) and all(
-            lo <= d <= hi for d, lo, hi in zip(shape, self.min_shape, self.max_shape)
+            lo <= d <= hi for d, lo, hi in zip(shape, self.min_shape, self.max_shape, strict=True)
         )
 
 

@@ -29,7 +29,7 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - the import is deferred to keep --help instant
+def _pipeline(args: argparse.Namespace):
     from models.detector import DetectorConfig
     from models.pipeline import FacePipeline, PipelineConfig
 
@@ -116,7 +116,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for chunk in _load_chunks(paths):
         ok = [(p, im) for p, im, _ in chunk if im is not None]
         results = pipe.embed_many([im for _, im in ok])
-        by_path = {str(p): r for (p, _), r in zip(ok, results)}
+        by_path = {str(p): r for (p, _), r in zip(ok, results, strict=True)}
         for path, image, error in chunk:
             if image is None:
                 failed += 1
@@ -128,7 +128,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
-def _largest_face(pipe, path: str):  # noqa: ANN001, ANN202
+def _largest_face(pipe, path: str):
     from models.imageio import load_image
 
     faces = pipe.embed(load_image(path))
@@ -253,7 +253,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     variant = cv2.convertScaleAbs(cv2.resize(astronaut[:, ::-1], (384, 384), interpolation=cv2.INTER_AREA), alpha=0.7)
     print(f"encoder fingerprint {encoder_fingerprint().value}, backend {args.backend}")
     faces = {}
-    for name, image in (("astronaut", astronaut), ("astronaut, mirrored + scaled + darker", variant), ("cameraman", cameraman)):
+    samples = (("astronaut", astronaut), ("astronaut, mirrored + scaled + darker", variant), ("cameraman", cameraman))
+    for name, image in samples:
         found = pipe.embed(image)
         print(f"{name}: {image.shape[1]}x{image.shape[0]}, {len(found)} face(s)")
         for f in found:
@@ -278,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]]:  # noqa: ANN001
+def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]]:
     """Templates from a folder per person: the largest face of each photo; rejected photos are reported."""
     from models.imageio import list_images, load_image
 
@@ -318,7 +319,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     failed = 0
     for chunk in _load_chunks(paths):
         ok = [(p, im) for p, im, _ in chunk if im is not None]
-        results = dict(zip((str(p) for p, _ in ok), pipe.embed_many([im for _, im in ok])))
+        results = dict(zip((str(p) for p, _ in ok), pipe.embed_many([im for _, im in ok]), strict=True))
         for path, image, error in chunk:
             if image is None:
                 failed += 1
@@ -327,8 +328,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
             faces = results[str(path)]
             record: dict = {"path": str(path), "faces": []}
             if faces:
-                decisions = rule.decide(Neighbours.from_embeddings(np.stack([f.embedding for f in faces]), gallery, labels))
-                for face, decision in zip(faces, decisions):
+                probes = np.stack([f.embedding for f in faces])
+                decisions = rule.decide(Neighbours.from_embeddings(probes, gallery, labels))
+                for face, decision in zip(faces, decisions, strict=True):
                     entry = face.detection.to_json()
                     entry["identity"] = decision.person_id if decision.accepted else "unknown"
                     entry["decision"] = decision.to_json()
@@ -347,8 +349,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import time
 
     from models.eval_embed import embed_ours, embed_peer
-    from models.evaluation import build_protocol, evaluate, load_embeddings_npz, plot_roc, save_embeddings_npz
-    from models.evaluation import write_summary
+    from models.evaluation import (
+        build_protocol,
+        evaluate,
+        load_embeddings_npz,
+        plot_roc,
+        save_embeddings_npz,
+        write_summary,
+    )
 
     root = Path(args.dataset)
     if not root.is_dir():

@@ -69,7 +69,7 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
         "rgb": _save(rgb, d / "rgb.png"),
         "gray": _save(gray, d / "gray.png"),
         "rgba": _save(rgb.convert("RGBA"), d / "rgba.png"),
-        "sixteen": _save(Image.fromarray((np.asarray(gray).astype(np.uint16) * 257)), d / "sixteen.png"),
+        "sixteen": _save(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), d / "sixteen.png"),
     }
     # stored rotated, with EXIF orientation 8 telling viewers to turn it back upright
     exif = Image.Exif()
