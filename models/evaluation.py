@@ -662,10 +662,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_summary(reports: EvaluationReport | Sequence[EvaluationReport], path: str | os.PathLike[str]) -> Path:
-    """JSON summary of one or several systems (atomic write)."""
+def write_summary(
+    reports: EvaluationReport | Sequence[EvaluationReport],
+    path: str | os.PathLike[str],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """JSON summary of one or several systems (atomic write); ``meta`` (e.g. the encoder fingerprint) goes on top."""
     items = [reports] if isinstance(reports, EvaluationReport) else list(reports)
-    data = _json_safe({"systems": [r.to_dict() for r in items]})
+    data = _json_safe({**(meta or {}), "systems": [r.to_dict() for r in items]})
     out = Path(path)
     atomic_write_bytes(out, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return out
@@ -741,3 +746,53 @@ def plot_roc(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
+
+
+def rule_from_summary(
+    path: str | os.PathLike[str],
+    rule: str,
+    target_fpir: float,
+    *,
+    fingerprint: str,
+    system: str = "faceattend",
+    stranger_set: str = "loo_all",
+) -> DecisionRule:
+    """The rule as calibrated by an earlier evaluation (``write_summary`` output) at ``target_fpir``.
+
+    Thresholds only hold in the embedding space they were measured in: a summary written under another encoder
+    fingerprint is refused.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvaluationError(f"calibration {path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("systems"), list):
+        raise EvaluationError(f"calibration {path}: not an evaluation summary (no 'systems' list)")
+    if data.get("fingerprint") != fingerprint:
+        raise EvaluationError(
+            f"calibration {path}: measured under encoder fingerprint {data.get('fingerprint')!r}, "
+            f"this encoder is {fingerprint!r}; re-run model-tool eval"
+        )
+    for sysrep in data["systems"]:
+        if not isinstance(sysrep, dict) or sysrep.get("system") != system:
+            continue
+        for point in sysrep.get("open_set", []):
+            if (
+                point.get("rule") == rule
+                and point.get("stranger_set") == stranger_set
+                and math.isclose(float(point.get("target_fpir", -1)), target_fpir)
+            ):
+                if not point.get("resolvable", False):
+                    log.warning(
+                        "calibration %s: FPIR %g is finer than its %s strangers resolve",
+                        path,
+                        target_fpir,
+                        point.get("n_strangers"),
+                    )
+                cfg = {"rule": rule, "threshold": point["threshold"]}
+                if point.get("max_distance") is not None:
+                    cfg["max_distance"] = point["max_distance"]
+                return DecisionRule.from_dict(cfg)
+    raise EvaluationError(
+        f"calibration {path}: no {rule} rule at FPIR {target_fpir:g} on the {stranger_set} strangers of {system!r}"
+    )

@@ -304,12 +304,20 @@ def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from models.decision import DecisionRule, Neighbours
+    from models.decision import DEFAULT_THRESHOLDS, DecisionRule, Neighbours
 
-    rule = DecisionRule.from_dict(
-        {"rule": args.rule, "threshold": args.threshold}
-        | ({"max_distance": args.max_distance} if args.rule != "distance" else {})
-    )
+    if args.calibration:
+        from models.evaluation import rule_from_summary
+        from models.fingerprint import encoder_fingerprint
+
+        rule = rule_from_summary(args.calibration, args.rule, args.fpir, fingerprint=encoder_fingerprint().value)
+    else:
+        threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.rule]
+        rule = DecisionRule.from_dict(
+            {"rule": args.rule, "threshold": threshold}
+            | ({"max_distance": args.max_distance} if args.rule != "distance" else {})
+        )
+    log.info("identify: %s", rule.to_dict())
     pipe = _pipeline(args)
     gallery, labels, rejected = _enroll_gallery(pipe, Path(args.gallery))
     for r in rejected:
@@ -383,7 +391,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reports.append(evaluate(protocol, peer, system="face_recognition"))
     print(format_eval(reports, timings))
     if args.json:
-        write_summary(reports, args.json)
+        from models.fingerprint import encoder_fingerprint
+
+        write_summary(reports, args.json, meta={"fingerprint": encoder_fingerprint().value, "dataset": str(root)})
         print(f"summary: {args.json}")
     if args.roc:
         plot_roc(reports, args.roc)
@@ -506,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=("distance", "ratio", "margin"), default="ratio")
     p.add_argument("--threshold", type=float, help="the rule's threshold (default: calibrated on the dev set)")
     p.add_argument("--max-distance", type=float, default=0.6, help="distance cap of the ratio / margin rules")
+    p.add_argument("--calibration", help="take the rule's threshold from a model-tool eval --json summary")
+    p.add_argument("--fpir", type=float, default=1e-2, help="with --calibration: the stranger accept rate (1e-2)")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_identify)
 
@@ -539,10 +551,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "func", None) is cmd_identify and args.threshold is None:
-        from models.decision import DEFAULT_THRESHOLDS
-
-        args.threshold = DEFAULT_THRESHOLDS[args.rule]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -224,6 +224,25 @@ def test_eval_on_a_small_dataset_writes_json_and_png(capsys, tmp_path):
     assert ours["reference"]["verif_acc"] >= 0.9 and ours["rank1"] == 1.0
     assert Image.open(io.BytesIO(roc.read_bytes())).format == "PNG"
 
+    # identify takes its threshold from that calibration, and refuses one made under another fingerprint
+    gallery = tmp_path / "gallery" / "Barack_Obama"
+    gallery.mkdir(parents=True)
+    (gallery / "a.jpg").write_bytes(_photos("Barack_Obama")[0].read_bytes())
+    probe = str(_photos("Barack_Obama")[1])
+    argv = ["identify", "--gallery", str(gallery.parent), probe, "--rule", "distance", "--calibration", str(summary)]
+    code, (line,) = _run(capsys, *argv)
+    calibrated = next(
+        p
+        for p in ours["open_set"]
+        if p["rule"] == "distance" and p["stranger_set"] == "loo_all" and p["target_fpir"] == 0.01
+    )
+    assert code == EXIT_OK and line["faces"][0]["decision"]["threshold"] == pytest.approx(calibrated["threshold"])
+    data = json.loads(summary.read_text())
+    data["fingerprint"] = "dlib_resnet_v1-0000000000000000"
+    summary.write_text(json.dumps(data))
+    assert main(argv) == EXIT_FATAL
+    assert "fingerprint" in capsys.readouterr().err
+
 
 def test_eval_rejects_a_file_as_dataset(capsys, tmp_path):
     f = tmp_path / "x.txt"
