@@ -25,7 +25,7 @@ def test_encoder_source_is_the_pinned_dlib_file():
 
 def test_sha_mismatch_and_missing_package_are_model_errors(monkeypatch):
     tampered = dataclasses.replace(ENCODER, sha256="0" * 64)
-    with pytest.raises(ModelError, match="sha256 .* the manifest pins 0000"):
+    with pytest.raises(ModelError, match=r"sha256 .* the manifest pins 0000"):
         registry._verified(tampered, b"not the weights", registry.source_path(ENCODER))
     absent = dataclasses.replace(DETECTOR, source_module="no_such_weight_package", source_package="nope")
     with pytest.raises(ModelError, match="not installed"):
