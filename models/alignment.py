@@ -1,68 +1,72 @@
-"""5-point face alignment onto dlib's 150x150 chip geometry.
+"""Face alignment onto dlib's 150x150 chip geometry, which the encoder was trained on.
 
-The detector's five landmarks (eye centres, nose tip, mouth corners) are not the points dlib's 5-point shape
-predictor marks (eye corners, base of the nose), so dlib's own chip template cannot be used directly. TEMPLATE
-holds where our five landmarks land, on average, inside the chips dlib itself cuts with
-`get_face_chip_details(shape, 150, 0.25)`: it was measured on the development face set by mapping each face's
-RetinaFace landmarks through dlib's image-to-chip transform (`model-tool fit-alignment`, see
-models/template_fit.py). A least-squares similarity transform onto it then reproduces dlib's crops.
+Two methods, both ending in the same warp:
+
+- ``dlib5`` (default): the chip dlib itself would cut. Our detector's box and landmarks predict the rect dlib's
+  HOG detector would have given (a small linear model fitted on the development set), dlib's own 5-point shape
+  predictor (an ERT cascade, reimplemented in numpy: models/dlib_shape.py) refines the eye corners and nose from
+  it, and `get_face_chip_details(shape, 150, 0.25)`'s similarity maps them onto the chip. The embedding is so
+  sensitive to the crop (a 1 px shift of dlib's own chip moves it by 0.07) that only dlib's own landmarks bring
+  our embeddings close to dlib's: median distance 0.045 on the development set (see `model-tool fit-alignment`).
+- ``template``: a least-squares similarity from the detector's five landmarks (eye centres, nose tip, mouth
+  corners) onto TEMPLATE, where those landmarks land on average inside dlib's chips (the per-landmark median
+  over the development set, measured by `model-tool fit-alignment` through dlib's image-to-chip transform).
+  Cheaper (no cascade) but its crops differ from dlib's by a pixel or two: median distance 0.15 to dlib's
+  embeddings.
+
+The method is part of the encoder fingerprint: embeddings made under different methods are not mixed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Final
+
 import cv2
 import numpy as np
 
-from models.errors import ImageError
+from models.errors import ConfigError, ImageError
+from models.types import Detection
 
-CHIP_SIZE = 150
+CHIP_SIZE: Final[int] = 150
+CHIP_PADDING: Final[float] = 0.25  # dlib's get_face_chip_details padding for its face recognition model
+METHODS: Final[tuple[str, ...]] = ("dlib5", "template")
+DEFAULT_METHOD: Final[str] = "dlib5"
 
 # (x, y) in a 150x150 chip, in LANDMARK_NAMES order (image-left eye, image-right eye, nose, mouth corners).
-TEMPLATE = np.array(
+TEMPLATE: Final[np.ndarray] = np.array(
     [
-        [46.54, 44.43],
-        [100.07, 43.72],
-        [73.02, 77.95],
-        [49.77, 99.14],
-        [96.64, 99.12],
+        [46.63, 44.41],
+        [100.69, 44.01],
+        [73.10, 77.93],
+        [49.40, 99.35],
+        [97.11, 99.75],
     ],
     dtype=np.float64,
 )
+TEMPLATE.setflags(write=False)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst (Umeyama).
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst, as a 2x3
+    matrix M with dst ~= M @ [x, y, 1] (dlib's find_similarity_transform, Umeyama)."""
+    from models.dlib_shape import find_similarity_transform
 
-    Returns the 2x3 matrix M with dst ~= M @ [x, y, 1].
-    """
     src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    s0, d0 = src - mu_s, dst - mu_d
-    var_s = (s0**2).sum() / len(src)
-    if var_s < 1e-12:
+    if ((src - src.mean(axis=0)) ** 2).sum() < 1e-12:
         raise ImageError("degenerate landmarks: all points coincide")
-    cov = d0.T @ s0 / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[1] = -1.0
-    rot = u @ np.diag(d) @ vt
-    scale = float((sig * d).sum() / var_s)
-    m = np.empty((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - m[:, :2] @ mu_s
-    return m
+    m, t = find_similarity_transform(src, dst)
+    return np.hstack([m, t.reshape(2, 1)])
 
 
-def align_face(
-    image: np.ndarray, landmarks: np.ndarray, template: np.ndarray = TEMPLATE, size: int = CHIP_SIZE
-) -> np.ndarray:
-    """Cut the size x size chip for one face from an RGB image, given its five landmarks in image pixels."""
-    m = similarity_transform(landmarks, template * (size / CHIP_SIZE))
+def warp_chip(image: np.ndarray, image_to_chip: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
+    """Cut a size x size chip with a 2x3 image-to-chip similarity.
+
+    Like dlib's extract_image_chip, a chip that would shrink the face by more than 2x samples from a Gaussian
+    pyramid level instead, so that large faces are not aliased by bilinear sampling.
+    """
+    m = np.array(image_to_chip, dtype=np.float64)
     src = image
-    # Like dlib's extract_image_chip: when the chip would shrink the face by more than 2x, sample from a
-    # Gaussian pyramid level instead, so that large faces are not aliased by bilinear sampling.
     scale = float(np.hypot(m[0, 0], m[0, 1]))
     while scale < 0.5 and min(src.shape[:2]) >= 4:
         src = cv2.pyrDown(src)
@@ -73,9 +77,35 @@ def align_face(
     )
 
 
-def align_faces(image: np.ndarray, landmarks: list[np.ndarray], size: int = CHIP_SIZE) -> np.ndarray:
-    """Chips for several faces of one image, stacked as N x size x size x 3 uint8."""
-    out = np.empty((len(landmarks), size, size, 3), dtype=np.uint8)
-    for i, pts in enumerate(landmarks):
-        out[i] = align_face(image, pts, size=size)
-    return out
+def dlib5_transform(image: np.ndarray, detection: Detection, size: int = CHIP_SIZE) -> np.ndarray:
+    """The image-to-chip similarity dlib would use for this face (see the module doc)."""
+    from models.dlib_shape import dlib_chip_transform, predict_5, rect_from_detection
+
+    rect = rect_from_detection(detection.bbox, detection.landmarks_array())
+    return dlib_chip_transform(predict_5(image, rect), size, CHIP_PADDING)
+
+
+def template_transform(detection: Detection, size: int = CHIP_SIZE) -> np.ndarray:
+    return similarity_transform(detection.landmarks_array(), TEMPLATE * (size / CHIP_SIZE))
+
+
+class Aligner:
+    """Cuts encoder chips for detected faces with one alignment method."""
+
+    def __init__(self, method: str = DEFAULT_METHOD, size: int = CHIP_SIZE) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"alignment method {method!r} is not one of {', '.join(METHODS)}")
+        self.method = method
+        self.size = size
+
+    def transform(self, image: np.ndarray, detection: Detection) -> np.ndarray:
+        if self.method == "dlib5":
+            return dlib5_transform(image, detection, self.size)
+        return template_transform(detection, self.size)
+
+    def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+        """Chips for every face of one image, stacked as N x size x size x 3 uint8."""
+        out = np.empty((len(detections), self.size, self.size, 3), dtype=np.uint8)
+        for i, det in enumerate(detections):
+            out[i] = warp_chip(image, self.transform(image, det), self.size)
+        return out

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
-from models.alignment import align_faces
 from models.errors import ImageError
 from models.pipeline import FacePipeline
 
@@ -127,9 +126,13 @@ def run_bench(
     det_ms = _per_item_ms(pipeline.detect, frames, rounds)
 
     # Chips for the encoder: every face found in the frames, repeated to fill batches of 8.
-    chips = np.concatenate([align_faces(f, [d.landmarks_array() for d in pipeline.detect(f)]) for f in frames])
-    if len(chips) == 0:
+    located = [(f, pipeline.detect(f)) for f in frames]
+    faces = sum(len(d) for _, d in located)
+    if faces == 0:
         raise ImageError("no face found in the benchmark images")
+    say(f"alignment ({pipeline.aligner.method})")
+    align_ms = _median_ms(lambda: [pipeline.aligner.align(f, d) for f, d in located], repeats=rounds) / faces
+    chips = np.concatenate([pipeline.aligner.align(f, d) for f, d in located])
     batch8 = np.resize(chips, (8, *chips.shape[1:]))
     say("encoding, batch 1 and 8")
     enc1 = _median_ms(lambda: pipeline.encoder.encode(chips[:1]), repeats=10 * rounds)
@@ -164,6 +167,7 @@ def run_bench(
 
     figures = [
         Figure("detection per 640x480 frame", det_ms, peer_ms["det"]),
+        Figure(f"alignment per face ({pipeline.aligner.method})", align_ms, None),
         Figure("encoding per face, batch 1", enc1, peer_ms["enc"]),
         Figure("encoding per face, batch 8", enc8, peer_ms["enc"]),
         Figure("detect+align+encode per 640x480 frame", whole_frame, peer_ms["frame"]),

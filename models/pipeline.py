@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.alignment import align_faces
+from models.alignment import DEFAULT_METHOD, Aligner
 from models.detector import DetectorConfig, RetinaFaceDetector
 from models.encoder import MAX_BATCH, FaceEncoder
 from models.types import Detection, FaceEmbedding
@@ -18,20 +18,28 @@ class PipelineConfig:
     backend: str = "onnxruntime"
     threads: int | None = None
     max_batch: int = MAX_BATCH
+    alignment: str = DEFAULT_METHOD
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 class FacePipeline:
-    def __init__(self, detector: RetinaFaceDetector, encoder: FaceEncoder) -> None:
+    def __init__(self, detector: RetinaFaceDetector, encoder: FaceEncoder, aligner: Aligner | None = None) -> None:
         self.detector = detector
         self.encoder = encoder
+        self.aligner = aligner or Aligner()
+
+    @property
+    def fingerprint(self) -> str:
+        from models.fingerprint import encoder_fingerprint
+
+        return encoder_fingerprint(alignment=self.aligner.method).value
 
     @classmethod
     def create(cls, config: PipelineConfig | None = None) -> FacePipeline:
         cfg = config or PipelineConfig()
         detector = RetinaFaceDetector.create(cfg.detector, backend=cfg.backend, threads=cfg.threads)
         encoder = FaceEncoder.create(cfg.backend, threads=cfg.threads, max_batch=cfg.max_batch)
-        return cls(detector, encoder)
+        return cls(detector, encoder, Aligner(cfg.alignment))
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         return self.detector.detect(image)
@@ -47,9 +55,7 @@ class FacePipeline:
     def encode_detections(
         self, images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]]
     ) -> list[list[FaceEmbedding]]:
-        chips = [
-            align_faces(img, [d.landmarks_array() for d in dets]) for img, dets in zip(images, detections, strict=True)
-        ]
+        chips = [self.aligner.align(img, dets) for img, dets in zip(images, detections, strict=True)]
         nonempty = [c for c in chips if len(c)]
         if not nonempty:
             return [[] for _ in images]

@@ -83,7 +83,20 @@ ENCODER = ModelManifest(
     license="public domain (dlib model), converted by faceattend",
 )
 
-MANIFESTS = {m.name: m for m in (DETECTOR, ENCODER)}
+SHAPE_PREDICTOR = ModelManifest(
+    name="dlib_shape_predictor_5",
+    role="5-point face landmarker for alignment (ERT cascade, run by models/dlib_shape.py)",
+    source_package="face-recognition-models",
+    source_module="face_recognition_models",
+    source_file="models/shape_predictor_5_face_landmarks.dat",
+    sha256="c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+    inputs=(TensorSpec("image", ("H", "W", 3), "uint8"), TensorSpec("rect", (4,), "float64")),
+    outputs=(TensorSpec("parts", (5, 2), "float64"),),
+    preprocessing="RGB uint8; intensity = (r + g + b) // 3, as dlib's get_pixel_intensity",
+    license="public domain (dlib model)",
+)
+
+MANIFESTS = {m.name: m for m in (DETECTOR, ENCODER, SHAPE_PREDICTOR)}
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -124,9 +137,14 @@ def detector_onnx_bytes() -> bytes:
     raise ModelError(f"{DETECTOR.name}: no WEIGHTS bytes literal in {path}")
 
 
+def read_verified(manifest: ModelManifest) -> bytes:
+    """The weights file's bytes, checked against the manifest's sha256."""
+    path = source_path(manifest)
+    return _verified(manifest, path.read_bytes(), path)
+
+
 def encoder_source_bytes() -> bytes:
-    path = source_path(ENCODER)
-    return _verified(ENCODER, path.read_bytes(), path)
+    return read_verified(ENCODER)
 
 
 @lru_cache(maxsize=1)

@@ -1,15 +1,20 @@
-"""Derive the alignment template from dlib's own chips, and measure agreement with dlib's full pipeline.
+"""Fit the alignment to dlib's own chips, and measure how close our embeddings come to dlib's full pipeline.
 
 dlib (the `dlib-bin` wheel) is a development-time reference only: this module imports it lazily and the
-runtime never needs it. The method:
+runtime never needs it. One pass over a folder of photos collects, for every face both pipelines find:
 
-1. dlib's reference pipeline on each image: HOG detector, 5-point shape predictor, then
-   `get_face_chip_details(shape, 150, 0.25)`, which defines a similarity transform image -> chip.
-2. Our detector's landmarks for the same face are mapped through that transform into chip coordinates.
-3. The template is the per-landmark median over all faces (robust to the odd poorly detected face).
+- dlib's reference: HOG rect (upsample 1, as face_recognition), 5-point shape, the image -> chip similarity of
+  `get_face_chip_details(shape, 150, 0.25)`, and dlib's embedding;
+- ours: the RetinaFace detection and our pipeline's embedding.
 
-`compare_with_dlib` then embeds each image both ways and reports the Euclidean distances between the two
-pipelines' embeddings of the same face.
+From that:
+
+- the `template` alignment's TEMPLATE: our landmarks mapped through dlib's image -> chip transform, per-landmark
+  median over all faces (robust to the odd poorly detected face);
+- the `dlib5` alignment's rect model (models/dlib_shape.py `fit_rect_model`): HOG rect from our box/landmarks;
+- the agreement: Euclidean distance between our embedding and dlib's for the same face.
+
+Faces are paired when the centre of our box lies inside dlib's rect (nearest to its centre when several do).
 """
 
 from __future__ import annotations
@@ -24,39 +29,38 @@ import numpy as np
 
 from models.errors import ModelError
 from models.imageio import load_image
+from models.pipeline import FacePipeline
+from models.types import FaceEmbedding
 
 log = logging.getLogger(__name__)
 
-Landmarker = Callable[[np.ndarray], list[tuple[tuple[float, float, float, float], np.ndarray]]]
+
+@dataclass(frozen=True)
+class PairedFace:
+    path: str
+    hog_rect: tuple[float, float, float, float]  # dlib (left, top, right, bottom)
+    image_to_chip: np.ndarray  # 2x3, dlib's chip transform
+    dlib_embedding: np.ndarray
+    ours: FaceEmbedding
 
 
 @dataclass(frozen=True)
-class DlibFace:
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2
-    image_to_chip: np.ndarray  # 2x3
-    shape: object  # dlib.full_object_detection, kept for dlib's own embedding
-
-
-@dataclass(frozen=True)
-class TemplateFit:
-    template: np.ndarray  # 5x2
+class AlignmentFit:
     faces: int
-    spread_px: np.ndarray  # per-landmark median absolute deviation in chip pixels
-
-
-@dataclass(frozen=True)
-class PipelineAgreement:
-    distances: tuple[float, ...]
     images: int
-    skipped: int
+    images_without_a_common_face: int
+    template: np.ndarray  # 5x2, fitted TEMPLATE
+    spread_px: np.ndarray  # per-landmark median absolute deviation in chip pixels
+    distances: np.ndarray  # ours vs dlib, one per paired face
 
-    @property
-    def median(self) -> float:
-        return float(np.median(self.distances)) if self.distances else math.nan
-
-    @property
-    def p90(self) -> float:
-        return float(np.percentile(self.distances, 90)) if self.distances else math.nan
+    def agreement(self) -> dict:
+        d = self.distances
+        return {
+            "faces": len(d),
+            "median_distance": round(float(np.median(d)), 4) if len(d) else None,
+            "p90_distance": round(float(np.percentile(d, 90)), 4) if len(d) else None,
+            "max_distance": round(float(d.max()), 4) if len(d) else None,
+        }
 
 
 class DlibReference:
@@ -73,21 +77,22 @@ class DlibReference:
         self._shape = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
         self._encoder = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
 
-    def faces(self, image: np.ndarray) -> list[DlibFace]:
+    def faces(self, image: np.ndarray) -> list[tuple[tuple[float, float, float, float], np.ndarray, np.ndarray]]:
+        """(HOG rect, image->chip 2x3, embedding) per face dlib finds."""
         out = []
         for rect in self._detector(image, 1):
             shape = self._shape(image, rect)
             details = self._dlib.get_face_chip_details(shape, 150, 0.25)
             box = (float(rect.left()), float(rect.top()), float(rect.right()), float(rect.bottom()))
-            out.append(DlibFace(box, _image_to_chip(details), shape))
+            embedding = np.asarray(self._encoder.compute_face_descriptor(image, shape), dtype=np.float32)
+            out.append((box, _image_to_chip(details), embedding))
         return out
-
-    def embed(self, image: np.ndarray, face: DlibFace) -> np.ndarray:
-        return np.asarray(self._encoder.compute_face_descriptor(image, face.shape), dtype=np.float32)
 
 
 def _image_to_chip(details: object) -> np.ndarray:
     """dlib maps chip corners tl, tr, bl onto the chip rectangle's corners rotated about its centre."""
+    import cv2
+
     rect, angle = details.rect, details.angle  # type: ignore[attr-defined]
     rows, cols = details.rows, details.cols  # type: ignore[attr-defined]
     cx, cy = (rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0
@@ -97,19 +102,18 @@ def _image_to_chip(details: object) -> np.ndarray:
         dx, dy = x - cx, y - cy
         return (c * dx - s * dy + cx, s * dx + c * dy + cy)
 
-    chip = np.array([[0, 0], [cols - 1, 0], [0, rows - 1]], dtype=np.float64)
+    chip = np.array([[0, 0], [cols - 1, 0], [0, rows - 1]], dtype=np.float32)
     img = np.array([rot(rect.left(), rect.top()), rot(rect.right(), rect.top()), rot(rect.left(), rect.bottom())])
-    import cv2
-
-    return cv2.getAffineTransform(img.astype(np.float32), chip.astype(np.float32)).astype(np.float64)
+    return cv2.getAffineTransform(img.astype(np.float32), chip).astype(np.float64)
 
 
-def _match(box: tuple[float, float, float, float], candidates: list) -> int | None:
-    """Index of the candidate whose box centre lies inside `box` and is nearest to its centre."""
+def match_box(box: tuple[float, float, float, float], faces: list[FaceEmbedding]) -> int | None:
+    """Index of the face whose box centre lies inside `box` and is nearest to its centre."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     best, best_d = None, math.inf
-    for i, (b, _) in enumerate(candidates):
-        bx, by = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    for i, f in enumerate(faces):
+        x1, y1, x2, y2 = f.detection.bbox
+        bx, by = (x1 + x2) / 2, (y1 + y2) / 2
         if box[0] <= bx <= box[2] and box[1] <= by <= box[3]:
             d = math.hypot(bx - cx, by - cy)
             if d < best_d:
@@ -117,45 +121,39 @@ def _match(box: tuple[float, float, float, float], candidates: list) -> int | No
     return best
 
 
-def fit_template(images: Iterable[Path], landmarker: Landmarker, reference: DlibReference) -> TemplateFit:
-    points = []
-    for path in images:
-        image = load_image(path)
-        ours = landmarker(image)
-        for face in reference.faces(image):
-            j = _match(face.box, ours)
-            if j is None:
-                continue
-            lm = np.asarray(ours[j][1], dtype=np.float64)
-            points.append(lm @ face.image_to_chip[:, :2].T + face.image_to_chip[:, 2])
-    if not points:
-        raise ModelError("no face was found by both dlib and our detector; cannot fit a template")
-    stack = np.stack(points)
-    template = np.median(stack, axis=0)
-    spread = np.median(np.abs(stack - template), axis=0).mean(axis=1)
-    log.info("alignment template fitted on %d faces", len(points))
-    return TemplateFit(template, len(points), spread)
-
-
-def compare_with_dlib(
+def pair_faces(
     images: Iterable[Path],
-    embed_ours: Callable[[np.ndarray], list[tuple[tuple[float, float, float, float], np.ndarray]]],
+    pipeline: FacePipeline,
     reference: DlibReference,
     progress: Callable[[int], None] | None = None,
-) -> PipelineAgreement:
-    """Distance between our embedding and dlib's for the same face in each image (faces both pipelines find)."""
-    distances, n, skipped = [], 0, 0
+) -> tuple[list[PairedFace], int, int]:
+    """Every face found by both pipelines, with the number of images and of images without a common face."""
+    paired: list[PairedFace] = []
+    n = skipped = 0
     for path in images:
         n += 1
         image = load_image(path)
-        ours = embed_ours(image)
-        matched = False
-        for face in reference.faces(image):
-            j = _match(face.box, ours)
+        ours = pipeline.embed(image)
+        found = False
+        for rect, to_chip, emb in reference.faces(image):
+            j = match_box(rect, ours)
             if j is not None:
-                distances.append(float(np.linalg.norm(ours[j][1] - reference.embed(image, face))))
-                matched = True
-        skipped += not matched
+                paired.append(PairedFace(str(path), rect, to_chip, emb, ours[j]))
+                found = True
+        skipped += not found
         if progress:
-            progress(n)
-    return PipelineAgreement(tuple(distances), n, skipped)
+            progress(1)
+    return paired, n, skipped
+
+
+def fit_alignment(paired: list[PairedFace], images: int, skipped: int) -> AlignmentFit:
+    if not paired:
+        raise ModelError("no face was found by both dlib and our detector; nothing to fit")
+    mapped = np.stack(
+        [p.ours.detection.landmarks_array() @ p.image_to_chip[:, :2].T + p.image_to_chip[:, 2] for p in paired]
+    )
+    template = np.median(mapped, axis=0)
+    spread = np.median(np.linalg.norm(mapped - template, axis=2), axis=0)
+    distances = np.array([np.linalg.norm(p.ours.embedding - p.dlib_embedding) for p in paired])
+    log.info("alignment fitted on %d faces of %d images", len(paired), images)
+    return AlignmentFit(len(paired), images, skipped, template, spread, distances)

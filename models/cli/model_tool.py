@@ -8,6 +8,7 @@ progress and logs go to stderr. Exit codes: 0 all inputs processed, 1 some input
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -34,7 +35,9 @@ def _pipeline(args: argparse.Namespace):
     from models.pipeline import FacePipeline, PipelineConfig
 
     det = DetectorConfig(max_side=args.max_side, score_threshold=args.score_threshold)
-    return FacePipeline.create(PipelineConfig(backend=args.backend, threads=args.threads, detector=det))
+    return FacePipeline.create(
+        PipelineConfig(backend=args.backend, threads=args.threads, alignment=args.alignment, detector=det)
+    )
 
 
 def _inputs(paths: Sequence[str], list_file: str | None) -> list[Path]:
@@ -159,33 +162,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
+    from models.alignment import DEFAULT_METHOD, METHODS
     from models.backends import tensorrt_available
     from models.fingerprint import encoder_fingerprint
-    from models.registry import MANIFESTS, detector_onnx_bytes, encoder_onnx_path, sha256_bytes
+    from models.registry import DETECTOR, ENCODER, MANIFESTS, detector_onnx_bytes, encoder_onnx_path, sha256_bytes
 
-    graphs = {"retinaface_mnet025": detector_onnx_bytes(), "dlib_resnet_v1": encoder_onnx_path().read_bytes()}
+    onnx_graphs = {DETECTOR.name: (detector_onnx_bytes(), None), ENCODER.name: (None, encoder_onnx_path())}
     models = []
     for name, manifest in MANIFESTS.items():
-        data = graphs[name]
-        graph = onnx.load_model_from_string(data)
         entry = manifest.to_json()
-        entry["onnx"] = {
-            "sha256": sha256_bytes(data),
-            "bytes": len(data),
-            "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-            "nodes": len(graph.graph.node),
-            "inputs": [i.name for i in graph.graph.input],
-            "outputs": [o.name for o in graph.graph.output],
-            "cached_at": str(encoder_onnx_path()) if manifest.role == "face encoder" else None,
-        }
+        if name in onnx_graphs:
+            data, cached = onnx_graphs[name]
+            data = data if data is not None else cached.read_bytes()
+            graph = onnx.load_model_from_string(data)
+            entry["onnx"] = {
+                "sha256": sha256_bytes(data),
+                "bytes": len(data),
+                "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+                "nodes": len(graph.graph.node),
+                "inputs": [i.name for i in graph.graph.input],
+                "outputs": [o.name for o in graph.graph.output],
+                "cached_at": str(cached) if cached else None,
+            }
         models.append(entry)
-    fp = encoder_fingerprint()
+    fingerprints = {m: encoder_fingerprint(alignment=m) for m in METHODS}
     trt_ok, trt_reason = tensorrt_available()
     _emit(
         {
             "models": models,
-            "encoder_fingerprint": fp.value,
-            "fingerprint_fields": fp.fields,
+            "encoder_fingerprint": fingerprints[DEFAULT_METHOD].value,
+            "fingerprints_by_alignment": {m: fp.value for m, fp in fingerprints.items()},
+            "fingerprint_fields": fingerprints[DEFAULT_METHOD].fields,
             "backends": {"onnxruntime": True, "tensorrt": trt_ok, "tensorrt_reason": trt_reason},
         }
     )
@@ -202,35 +209,29 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 def cmd_fit_alignment(args: argparse.Namespace) -> int:
     from models.alignment import TEMPLATE
+    from models.dlib_shape import RECT_MODEL, fit_rect_model
     from models.imageio import list_images
-    from models.template_fit import DlibReference, compare_with_dlib, fit_template
+    from models.template_fit import DlibReference, fit_alignment, pair_faces
 
     images = list_images([args.dataset])
     pipe = _pipeline(args)
-    reference = DlibReference()
-
-    def landmarks(image: np.ndarray) -> list:
-        return [(d.bbox, d.landmarks_array()) for d in pipe.detect(image)]
-
-    def embed(image: np.ndarray) -> list:
-        return [(f.detection.bbox, f.embedding) for f in pipe.embed(image)]
-
-    fit = fit_template(images, landmarks, reference)
-    agreement = compare_with_dlib(images, embed, reference, _progress(len(images), "compare", not args.quiet))
+    paired, n, skipped = pair_faces(images, pipe, DlibReference(), _progress(len(images), "pair", not args.quiet))
+    fit = fit_alignment(paired, n, skipped)
+    rect_model = fit_rect_model(
+        [(p.hog_rect, p.ours.detection.bbox, p.ours.detection.landmarks_array()) for p in paired]
+    )
     _emit(
         {
-            "faces": fit.faces,
-            "fitted_template": np.round(fit.template, 2).tolist(),
-            "spread_px": np.round(fit.spread_px, 2).tolist(),
-            "current_template": np.round(TEMPLATE, 2).tolist(),
-            "agreement_with_dlib": {
-                "faces": len(agreement.distances),
-                "images": agreement.images,
-                "images_without_a_common_face": agreement.skipped,
-                "median_distance": round(agreement.median, 4),
-                "p90_distance": round(agreement.p90, 4),
-                "max_distance": round(max(agreement.distances), 4) if agreement.distances else None,
+            "alignment": args.alignment,
+            "images": n,
+            "images_without_a_common_face": skipped,
+            "agreement_with_dlib": fit.agreement(),
+            "template": {
+                "fitted": np.round(fit.template, 2).tolist(),
+                "current": np.round(TEMPLATE, 2).tolist(),
+                "spread_px": np.round(fit.spread_px, 2).tolist(),
             },
+            "rect_model": {"fitted": dataclasses.asdict(rect_model), "current": dataclasses.asdict(RECT_MODEL)},
         }
     )
     return EXIT_OK
@@ -244,14 +245,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ModelError("the demo uses scikit-image's sample photos: pip install 'faceattend[demo]'") from exc
     import cv2
 
-    from models.fingerprint import encoder_fingerprint
-
     pipe = _pipeline(args)
     astronaut = np.ascontiguousarray(data.astronaut()[:, :, :3])
     cameraman = np.ascontiguousarray(np.repeat(data.camera()[:, :, None], 3, axis=2))
     # the same person again, as a second camera would see her: mirrored, smaller, darker
     variant = cv2.convertScaleAbs(cv2.resize(astronaut[:, ::-1], (384, 384), interpolation=cv2.INTER_AREA), alpha=0.7)
-    print(f"encoder fingerprint {encoder_fingerprint().value}, backend {args.backend}")
+    print(f"encoder fingerprint {pipe.fingerprint}, backend {args.backend}, alignment {args.alignment}")
     faces = {}
     samples = (("astronaut", astronaut), ("astronaut, mirrored + scaled + darker", variant), ("cameraman", cameraman))
     for name, image in samples:
@@ -306,11 +305,11 @@ def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]
 def cmd_identify(args: argparse.Namespace) -> int:
     from models.decision import DEFAULT_THRESHOLDS, DecisionRule, Neighbours
 
+    pipe = _pipeline(args)
     if args.calibration:
         from models.evaluation import rule_from_summary
-        from models.fingerprint import encoder_fingerprint
 
-        rule = rule_from_summary(args.calibration, args.rule, args.fpir, fingerprint=encoder_fingerprint().value)
+        rule = rule_from_summary(args.calibration, args.rule, args.fpir, fingerprint=pipe.fingerprint)
     else:
         threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.rule]
         rule = DecisionRule.from_dict(
@@ -318,7 +317,6 @@ def cmd_identify(args: argparse.Namespace) -> int:
             | ({"max_distance": args.max_distance} if args.rule != "distance" else {})
         )
     log.info("identify: %s", rule.to_dict())
-    pipe = _pipeline(args)
     gallery, labels, rejected = _enroll_gallery(pipe, Path(args.gallery))
     for r in rejected:
         _emit(r)
@@ -391,9 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reports.append(evaluate(protocol, peer, system="face_recognition"))
     print(format_eval(reports, timings))
     if args.json:
-        from models.fingerprint import encoder_fingerprint
-
-        write_summary(reports, args.json, meta={"fingerprint": encoder_fingerprint().value, "dataset": str(root)})
+        write_summary(reports, args.json, meta={"fingerprint": pipe.fingerprint, "dataset": str(root)})
         print(f"summary: {args.json}")
     if args.roc:
         plot_roc(reports, args.roc)
@@ -468,6 +464,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
     p.add_argument("--max-side", type=int, default=640, help="detector input long-side cap in pixels")
     p.add_argument("--score-threshold", type=float, default=0.7, help="detector confidence threshold")
+    p.add_argument(
+        "--alignment", default="dlib5", choices=("dlib5", "template"), help="chip alignment (see models/alignment.py)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

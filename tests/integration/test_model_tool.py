@@ -132,7 +132,7 @@ def test_identify_enrolled_and_stranger(capsys, tmp_path):
         (gallery / person).mkdir(parents=True)
         (gallery / person / "a.jpg").write_bytes(_photos(person)[0].read_bytes())
     (gallery / "Katy_Perry" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    probes = [_photos("Barack_Obama")[1], _photos("Jennifer_Aniston")[1], _photos("Paul_Rudd")[0]]
+    probes = [_photos("Barack_Obama")[1], _photos("Jennifer_Aniston")[2], _photos("Paul_Rudd")[0]]
     code, lines = _run(capsys, "identify", "--gallery", str(gallery), *map(str, probes), "--rule", "distance")
     assert code == EXIT_PARTIAL  # the broken gallery photo is reported, the rest proceeds
     assert any("broken.jpg" in line.get("gallery_photo", "") for line in lines)

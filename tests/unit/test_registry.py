@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from models import registry
-from models.errors import ModelError
+from models.errors import ConfigError, ModelError
 from models.fingerprint import encoder_fingerprint
 from models.registry import DETECTOR, ENCODER
 
@@ -56,10 +56,13 @@ def test_manifests_serialise():
 def test_fingerprint_is_stable_and_sensitive_to_what_changes_the_space():
     base = encoder_fingerprint()
     assert base == encoder_fingerprint() and base.value.startswith("dlib_resnet_v1-")
-    template = tuple(map(tuple, base.fields["alignment"]["template"]))
+    assert base.fields["alignment"]["method"] == "dlib5"
+    templated = encoder_fingerprint(alignment="template")
+    template = tuple(map(tuple, templated.fields["alignment"]["template"]))
     shifted = tuple((x + 1.0, y) for x, y in template)
     others = [
-        encoder_fingerprint(template=shifted),
+        templated,
+        encoder_fingerprint(alignment="template", template=shifted),
         encoder_fingerprint(dim=64),
         encoder_fingerprint(normalisation="l2"),
         encoder_fingerprint(metric="cosine"),
@@ -67,3 +70,5 @@ def test_fingerprint_is_stable_and_sensitive_to_what_changes_the_space():
         encoder_fingerprint(dataclasses.replace(ENCODER, preprocessing="something else")),
     ]
     assert len({base.value, *(o.value for o in others)}) == len(others) + 1
+    with pytest.raises(ConfigError):
+        encoder_fingerprint(alignment="nope")

@@ -1,0 +1,44 @@
+"""Our whole pipeline (RetinaFace -> dlib5 alignment -> converted encoder) against dlib's own, on real photos."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.pipeline import FacePipeline, PipelineConfig
+
+pytest.importorskip("dlib")
+FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[Path]:
+    """Two photos of every identity (all of the single-photo ones): 50-odd faces of every kind in the set."""
+    return [p for person in sorted(FACES.iterdir()) if person.is_dir() for p in sorted(person.iterdir())[:2]]
+
+
+def _fit(method: str, images: list[Path]):
+    from models.template_fit import DlibReference, fit_alignment, pair_faces
+
+    pipe = FacePipeline.create(PipelineConfig(alignment=method))
+    paired, n, skipped = pair_faces(images, pipe, DlibReference())
+    return fit_alignment(paired, n, skipped)
+
+
+def test_dlib5_embeddings_are_close_to_dlibs_full_pipeline(sample):
+    fit = _fit("dlib5", sample)
+    assert fit.faces >= 0.9 * len(sample)
+    # dlib's same-person threshold is 0.6; a 1 px shift of dlib's own chip already moves an embedding by ~0.07
+    assert float(np.median(fit.distances)) < 0.07
+    assert float(np.percentile(fit.distances, 90)) < 0.15
+
+
+def test_template_alignment_is_the_cruder_approximation(sample):
+    fit = _fit("template", sample)
+    median = float(np.median(fit.distances))
+    assert 0.07 < median < 0.25
+    # the fitted template agrees with the shipped one within the landmark spread
+    from models.alignment import TEMPLATE
+
+    assert np.abs(fit.template - TEMPLATE).max() < 2.0
