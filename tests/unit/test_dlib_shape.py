@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dlib_bytes import pack_float, pack_int
 
 from models import dlib_shape as ds
 from models import registry
@@ -23,23 +24,6 @@ needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="the development fac
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writers mirroring dlib's (serialize.h pack_int, float_details.h for a float, matrix.h, shape_predictor.h)
-
-
-def pack_int(value: int) -> bytes:
-    magnitude = abs(value)
-    body = magnitude.to_bytes(max(1, (magnitude.bit_length() + 7) // 8), "little")
-    return bytes([len(body) | (0x80 if value < 0 else 0)]) + body
-
-
-def pack_float(value: float) -> bytes:
-    fraction, exp = math.frexp(value)
-    mantissa, exponent = int(fraction * (1 << 24)), exp - 24
-    for _ in range(8):
-        if mantissa & 0xFF:
-            break
-        mantissa >>= 8
-        exponent += 8
-    return pack_int(mantissa) + pack_int(exponent)
 
 
 def pack_column(values: list[float]) -> bytes:
