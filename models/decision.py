@@ -50,7 +50,7 @@ from typing import Any, Final, Literal, cast
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from models.errors import ConfigError
+from models.errors import ConfigError, DecisionError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _as_float_2d(values: ArrayLike, name: str) -> NDArray[np.float64]:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 1-D (one probe) or 2-D (a batch), got shape {arr.shape}")
+        raise DecisionError(f"{name} must be 1-D (one probe) or 2-D (a batch), got shape {arr.shape}")
     return arr
 
 
@@ -98,7 +98,7 @@ class Neighbours:
     def __post_init__(self) -> None:
         n = self.d1.shape
         if len(n) != 1 or self.d2.shape != n or self.label1.shape != n or self.label2.shape != n:
-            raise ValueError("Neighbours arrays must all be 1-D of the same length")
+            raise DecisionError("Neighbours arrays must all be 1-D of the same length")
 
     def __len__(self) -> int:
         return int(self.d1.shape[0])
@@ -116,7 +116,7 @@ class Neighbours:
     @staticmethod
     def concat(parts: list[Neighbours]) -> Neighbours:
         if not parts:
-            raise ValueError("nothing to concatenate")
+            raise DecisionError("nothing to concatenate")
         return Neighbours(
             np.concatenate([p.label1 for p in parts]),
             np.concatenate([p.d1 for p in parts]),
@@ -134,7 +134,7 @@ class Neighbours:
         ids = np.asarray(identities)
         n, u = dist.shape
         if ids.shape != (u,):
-            raise ValueError(f"identities must have shape ({u},), got {ids.shape}")
+            raise DecisionError(f"identities must have shape ({u},), got {ids.shape}")
         dist[np.isnan(dist)] = np.inf
         if u == 0:
             empty = np.empty(n, dtype=ids.dtype)
@@ -179,7 +179,7 @@ class Neighbours:
         if lab.ndim == 1 and lab.shape[0] == dist.shape[1]:
             lab = np.broadcast_to(lab, dist.shape)  # one label table shared by every probe
         if lab.shape != dist.shape:
-            raise ValueError(f"labels shape {np.asarray(labels).shape} does not match distances {dist.shape}")
+            raise DecisionError(f"labels shape {np.asarray(labels).shape} does not match distances {dist.shape}")
         n, k = dist.shape
         invalid = ~np.isfinite(dist)
         if lab.dtype.kind in "iu":
@@ -226,7 +226,7 @@ def pairwise_distances(probes: ArrayLike, gallery: ArrayLike) -> NDArray[np.floa
     p = _as_float_2d(probes, "probes")
     g = np.asarray(gallery, dtype=np.float64)
     if g.ndim != 2 or (g.shape[0] and g.shape[1] != p.shape[1]):
-        raise ValueError(f"gallery must be (m, {p.shape[1]}), got {g.shape}")
+        raise DecisionError(f"gallery must be (m, {p.shape[1]}), got {g.shape}")
     n, m = p.shape[0], g.shape[0]
     out = np.empty((n, m), dtype=np.float64)
     step = max(1, _CHUNK_ELEMENTS // max(1, m * p.shape[1]))
@@ -243,7 +243,7 @@ def template_to_identity_distances(distances: ArrayLike, labels: ArrayLike) -> t
     dist = _as_float_2d(distances, "distances")
     lab = np.asarray(labels)
     if lab.shape != (dist.shape[1],):
-        raise ValueError(f"labels must have shape ({dist.shape[1]},), got {lab.shape}")
+        raise DecisionError(f"labels must have shape ({dist.shape[1]},), got {lab.shape}")
     identities, inverse = np.unique(lab, return_inverse=True)
     if identities.size == 0:
         return np.empty((dist.shape[0], 0)), identities
@@ -400,7 +400,7 @@ class DecisionRule:
         """One face: its k nearest templates' distances and identity labels -> a Decision (the edge's call)."""
         nb = Neighbours.from_topk(distances, labels, gallery_identities=gallery_identities, squared=squared)
         if len(nb) != 1:
-            raise ValueError("decide_topk takes one probe; use decide(Neighbours.from_topk(...)) for a batch")
+            raise DecisionError("decide_topk takes one probe; use decide(Neighbours.from_topk(...)) for a batch")
         return self.decide(nb)[0]
 
 
@@ -567,7 +567,7 @@ def calibrate(
     s = rule.oriented_statistic(strangers) if isinstance(strangers, Neighbours) else _oriented_raw(rule, strangers)
     n = int(s.size)
     if n == 0:
-        raise ValueError("calibrate: no stranger statistics")
+        raise DecisionError("calibrate: no stranger statistics")
     s_sorted = np.sort(s)
     # the epsilon keeps 0.29 * 100 from flooring to 28; target < 1 keeps at least one stranger to reject
     allowed = min(math.floor(target * n + 1e-9), n - 1)
@@ -591,10 +591,10 @@ def calibrate(
     if mates is not None:
         if isinstance(mates, Neighbours):
             if mate_labels is None:
-                raise ValueError("calibrate: mate_labels is required with Neighbours mates")
+                raise DecisionError("calibrate: mate_labels is required with Neighbours mates")
             truth = np.asarray(mate_labels)
             if truth.shape != mates.label1.shape:
-                raise ValueError("calibrate: mate_labels must have one label per mate")
+                raise DecisionError("calibrate: mate_labels must have one label per mate")
             hit = calibrated.accepts(mates) & mates.found & (mates.label1 == truth)
         else:
             hit = _oriented_raw(rule, mates) <= t_or

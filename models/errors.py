@@ -29,3 +29,11 @@ class ImageError(FaceAttendError):
 
 class ConfigError(FaceAttendError):
     """A configuration value or key is invalid."""
+
+
+class DecisionError(FaceAttendError, ValueError):
+    """A decision rule was handed inconsistent neighbours or calibration data (a caller's contract violation)."""
+
+
+class EvaluationError(FaceAttendError):
+    """The data handed to the evaluation cannot be evaluated (impossible protocol, embeddings missing)."""

@@ -53,7 +53,7 @@ from models.decision import (
     dir_fpir_curve,
     pairwise_distances,
 )
-from models.errors import FaceAttendError
+from models.errors import EvaluationError
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ _IMAGE_SUFFIXES: Final[tuple[str, ...]] = (".jpg", ".jpeg", ".png")
 # (stage, done, total): long loops report through this as well as through logging
 ProgressCallback = Callable[[str, int, int], None]
 Embeddings = Mapping[str, "np.ndarray | None"]
-
-
-class EvaluationError(FaceAttendError):
-    """The data handed to the evaluation cannot be evaluated (impossible protocol, embeddings missing)."""
 
 
 # --- protocol -----------------------------------------------------------------------------------------------------
