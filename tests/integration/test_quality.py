@@ -1,0 +1,91 @@
+"""Enrollment quality gates on real photos: each bad photo is rejected for its own specific reason."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from enrollment_server.quality import (
+    NO_FACE,
+    OFF_FRONTAL,
+    SEVERAL_FACES,
+    TOO_BLURRED,
+    TOO_SMALL,
+    QualityConfig,
+    assess_photo,
+    face_figures,
+)
+from models.imageio import load_image
+from models.pipeline import FacePipeline
+from models.types import Detection, FaceEmbedding
+
+FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> FacePipeline:
+    return FacePipeline.create()
+
+
+@pytest.fixture(scope="module")
+def obama() -> np.ndarray:
+    return load_image(sorted((FACES / "Barack_Obama").iterdir())[0])
+
+
+def _verdict(pipe: FacePipeline, image: np.ndarray):
+    faces = pipe.embed(image)
+    chips = pipe.aligner.align(image, [f.detection for f in faces])
+    return assess_photo(faces, chips, QualityConfig())
+
+
+def test_a_good_photo_passes(pipe, obama):
+    v = _verdict(pipe, obama)
+    assert v.accepted and v.reason is None and v.figures.blur > 100
+
+
+def test_most_of_the_development_set_passes(pipe):
+    photos = [p for person in sorted(FACES.iterdir()) for p in sorted(person.iterdir())[:2]]
+    verdicts = [_verdict(pipe, load_image(p)) for p in photos]
+    accepted = sum(v.accepted or v.reason == SEVERAL_FACES for v in verdicts)
+    assert accepted >= 0.9 * len(photos)
+
+
+def test_blurred_small_crowded_and_empty_photos_are_rejected_for_their_reason(pipe, obama):
+    blurred = cv2.GaussianBlur(obama, (0, 0), 3.0)
+    assert _verdict(pipe, blurred).reason == TOO_BLURRED
+    h, w = obama.shape[:2]
+    small = cv2.resize(obama, (w // 12, h // 12), interpolation=cv2.INTER_AREA)
+    small_canvas = np.zeros((480, 640, 3), np.uint8)
+    small_canvas[: small.shape[0], : small.shape[1]] = small
+    v = _verdict(pipe, small_canvas)
+    assert v.reason == TOO_SMALL and "between the eyes" in v.message
+    pair = np.concatenate([obama, load_image(sorted((FACES / "Barack_Obama").iterdir())[1])[:h, :w]], axis=1)
+    v = _verdict(pipe, np.ascontiguousarray(pair))
+    assert v.reason == SEVERAL_FACES
+    assert _verdict(pipe, np.full((300, 300, 3), 127, np.uint8)).reason == NO_FACE
+
+
+def test_a_tilted_head_is_not_off_frontal(pipe, obama):
+    h, w = obama.shape[:2]
+    rot = cv2.warpAffine(obama, cv2.getRotationMatrix2D((w / 2, h / 2), 30, 1.0), (w, h))
+    v = _verdict(pipe, rot)
+    assert v.reason != OFF_FRONTAL and abs(v.figures.yaw) < 0.2
+
+
+def _synthetic(landmarks) -> FaceEmbedding:
+    det = Detection((0.0, 0.0, 200.0, 200.0), 0.99, tuple(map(tuple, landmarks)))
+    return FaceEmbedding(det, np.zeros(128, np.float32))
+
+
+def test_yaw_and_pitch_from_landmarks():
+    chip = np.zeros((150, 150, 3), np.uint8)
+    frontal = face_figures(_synthetic([[60, 80], [140, 80], [100, 120], [70, 150], [130, 150]]), chip)
+    assert abs(frontal.yaw) < 1e-9 and 0.5 < frontal.pitch < 0.7 and frontal.eye_distance_px == 80
+    turned = face_figures(_synthetic([[60, 80], [140, 80], [140, 120], [90, 150], [140, 150]]), chip)
+    assert turned.yaw == pytest.approx(0.5)
+    v = assess_photo(
+        [_synthetic([[60, 80], [140, 80], [140, 120], [90, 150], [140, 150]])], chip[None], QualityConfig(min_blur=0)
+    )
+    assert v.reason == OFF_FRONTAL and "yaw +0.50" in v.message
