@@ -37,3 +37,59 @@ class DecisionError(FaceAttendError, ValueError):
 
 class EvaluationError(FaceAttendError):
     """The data handed to the evaluation cannot be evaluated (impossible protocol, embeddings missing)."""
+
+
+class StoreError(FaceAttendError):
+    """The enrollment server's database refused or failed an operation."""
+
+
+class StoreValueError(StoreError, ValueError):
+    """A caller handed the store an invalid value (naive datetime, malformed id or digest, bad embedding shape)."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """The record an operation needs (site, person, template, device) does not exist."""
+
+
+class ConflictError(StoreError):
+    """The record an operation would create already exists (same person id, same photo for that person)."""
+
+
+class DatabaseVersionError(StoreError):
+    """The database was written by a newer version of the program; this one will not touch it."""
+
+
+class ContractError(FaceAttendError):
+    """A message on the wire (topic, JSON payload, gallery blob) breaks the contract in models.contract."""
+
+
+class TopicError(ContractError, ValueError):
+    """A topic, or a site / device id that goes into one, is malformed."""
+
+
+class PayloadError(ContractError):
+    """A payload is oversized, not UTF-8 JSON, not an object, of another schema, or has a missing / mistyped field."""
+
+
+class SchemaVersionError(PayloadError):
+    """A payload carries a schema major version this reader does not understand."""
+
+
+class GalleryFormatError(ContractError):
+    """A gallery blob is truncated, oversized, inconsistent with its manifest, or carries non-finite embeddings."""
+
+
+class IntegrityError(ContractError):
+    """A gallery chunk or blob does not match the sha256 its signed manifest announces."""
+
+
+class SignatureError(ContractError):
+    """A signature does not verify, or was made by a key other than the one trusted."""
+
+
+class FingerprintMismatchError(ContractError):
+    """A gallery was built under another encoder fingerprint: its embeddings are not comparable with ours."""
+
+
+class MqttError(FaceAttendError):
+    """The MQTT link was misconfigured or misused (bad URL, bad topic, publish after stop)."""

@@ -1,0 +1,95 @@
+"""The attendance event an edge publishes (QoS 1, not retained) on `faceattend/v1/edge/{device}/events`.
+
+QoS 1 is at-least-once: a consumer de-duplicates on `event_id` (a UUID, normalised to lower-case canonical form so
+two spellings of one id cannot be stored twice). `seq` is a per-device counter that lets a consumer notice gaps.
+`person_id` null means an unknown face; `distance` / `margin` may be null when there was nothing to compare with
+(empty gallery). `snapshot` is a reference (path, key or URL) to a stored image, never the image bytes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import ClassVar
+
+from models.contract import limits, timestamps
+from models.contract.codec import Message, check_id, check_min, check_text, normalise_ts
+
+SCHEMA = "faceattend.attendance_event"
+
+
+@dataclass(frozen=True)
+class AttendanceEvent(Message):
+    SCHEMA: ClassVar[str] = SCHEMA
+    MAX_BYTES: ClassVar[int] = limits.MAX_EVENT_BYTES
+
+    event_id: str
+    seq: int
+    device_id: str
+    site: str
+    camera: str
+    track_id: int
+    person_id: str | None
+    name: str | None
+    distance: float | None
+    margin: float | None
+    threshold: float
+    gallery_version: int
+    fingerprint: str
+    ts: str
+    snapshot: str | None = None
+
+    def validate(self) -> None:
+        try:
+            self.replace_field("event_id", str(uuid.UUID(self.event_id)))
+        except ValueError:
+            raise self.invalid("event_id", f"{self.event_id!r} is not a UUID") from None
+        check_min(self, "seq", 0)
+        check_id(self, "device_id")
+        check_id(self, "site")
+        check_text(self, "camera", limits.MAX_CAMERA_CHARS)
+        check_min(self, "track_id", 0)
+        check_text(self, "person_id", limits.MAX_PERSON_ID_CHARS)
+        check_text(self, "name", limits.MAX_NAME_CHARS, allow_empty=True)
+        check_min(self, "distance", 0)
+        check_min(self, "gallery_version", 0)
+        check_text(self, "fingerprint", limits.MAX_FINGERPRINT_CHARS)
+        normalise_ts(self, "ts")
+        check_text(self, "snapshot", limits.MAX_SNAPSHOT_CHARS)
+
+
+def new_event(
+    *,
+    seq: int,
+    device_id: str,
+    site: str,
+    camera: str,
+    track_id: int,
+    person_id: str | None,
+    name: str | None,
+    distance: float | None,
+    margin: float | None,
+    threshold: float,
+    gallery_version: int,
+    fingerprint: str,
+    snapshot: str | None = None,
+    ts: str | None = None,
+) -> AttendanceEvent:
+    """A fresh event: a random (uuid4) event_id and, unless given, the current UTC time."""
+    return AttendanceEvent(
+        event_id=str(uuid.uuid4()),
+        seq=seq,
+        device_id=device_id,
+        site=site,
+        camera=camera,
+        track_id=track_id,
+        person_id=person_id,
+        name=name,
+        distance=distance,
+        margin=margin,
+        threshold=threshold,
+        gallery_version=gallery_version,
+        fingerprint=fingerprint,
+        ts=ts if ts is not None else timestamps.utc_now(),
+        snapshot=snapshot,
+    )

@@ -1,0 +1,161 @@
+"""A real Mosquitto broker for integration tests, on a free local port, restartable on the same port.
+
+The broker binary is taken from $FACEATTEND_MOSQUITTO, then PATH, then /usr/sbin/mosquitto; tests that need it
+are skipped with a reason when there is none (CI installs the `mosquitto` package). Its log is attached to the
+report of a failing test.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+BROKER_START_TIMEOUT_S = 10.0
+# a 1 MiB gallery chunk plus topic and header; Mosquitto's default limit is far larger, but a deployment sets one
+MAX_PACKET_SIZE = 2 * 1024 * 1024
+
+
+def mosquitto_binary() -> str | None:
+    env = os.environ.get("FACEATTEND_MOSQUITTO")
+    if env:
+        return env if Path(env).is_file() else None
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MosquittoBroker:
+    """One broker process: `start()`, `stop()` (SIGTERM: persistence is saved), `kill()` (SIGKILL), `start()`
+    again on the same port with the same persistence directory."""
+
+    def __init__(self, workdir: Path, binary: str, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.port = port or free_port()
+        self.log_path = workdir / "mosquitto.log"
+        self.config_path = workdir / "mosquitto.conf"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {workdir}/",
+            "persistence_file mosquitto.db",
+            f"max_packet_size {MAX_PACKET_SIZE}",
+            f"log_dest file {self.log_path}",
+            "log_type all",
+            "connection_messages true",
+            # run as root (containers), mosquitto would drop to user "mosquitto", who cannot write workdir;
+            # as any other user this line has no effect
+            f"user {getpass.getuser()}",
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError("broker already running")
+        self._stderr = (self.workdir / "mosquitto.stderr").open("ab")  # closed when the process ends
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=self._stderr
+        )
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}:\n{self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {BROKER_START_TIMEOUT_S}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful: Mosquitto saves its persistence file (retained messages, sessions) on SIGTERM."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """A crash: nothing saved since the last autosave."""
+        self._end(signal.SIGKILL, 10.0)
+
+    def _end(self, sig: int, timeout: float) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def log_text(self) -> str:
+        parts = []
+        for path in (self.log_path, self.workdir / "mosquitto.stderr"):
+            if path.exists():
+                parts.append(path.read_text(errors="replace"))
+        return "\n".join(parts)
+
+
+def _broker(tmp: Path) -> Iterator[MosquittoBroker]:
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("needs a mosquitto binary (apt install mosquitto, or set FACEATTEND_MOSQUITTO)")
+    broker = MosquittoBroker(tmp / "mosquitto", binary)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A fresh broker per test (empty retained store): the one to restart or kill."""
+    yield from _broker(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def mosquitto_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """One broker for a module's tests: never stop it in a test, and use topics no other test uses."""
+    yield from _broker(tmp_path_factory.mktemp("broker"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, MosquittoBroker):
+                report.sections.append((f"mosquitto log (port {value.port})", value.log_text()[-20000:]))

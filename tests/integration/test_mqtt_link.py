@@ -1,0 +1,343 @@
+"""PahoMqttLink against a real Mosquitto (tests/integration/conftest.py): PUBACK waits, retained gallery
+publication assembled end to end, last will on an ungraceful death, subscriptions and publishes across a broker
+restart."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.contract import topics
+from models.contract.assembler import GalleryAssembler
+from models.contract.gallery import Gallery, GalleryPerson, build_publication
+from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink, Will
+from models.contract.signing import Signer
+from models.contract.status import EdgeStatus
+from models.contract.timestamps import utc_now
+from models.errors import MqttError
+
+FP = "dlib_resnet_v1-0123456789abcdef"
+CONNECT_TIMEOUT_S = 10.0
+# paho retries every 1, 2, 2, ... s with these settings: a restarted broker is found again within ~2 s
+FAST_RECONNECT = {"reconnect_min_delay": 1, "reconnect_max_delay": 2, "keepalive": 5}
+
+
+class Inbox:
+    """A handler that queues what it receives, with a blocking `get`."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[InboundMessage] = queue.Queue()
+
+    def __call__(self, msg: InboundMessage) -> None:
+        self.q.put(msg)
+
+    def get(self, timeout: float = 10.0) -> InboundMessage:
+        return self.q.get(timeout=timeout)
+
+    def drain(self, quiet_s: float = 0.3) -> list[InboundMessage]:
+        out = []
+        while True:
+            try:
+                out.append(self.q.get(timeout=quiet_s))
+            except queue.Empty:
+                return out
+
+
+@pytest.fixture
+def links() -> Iterator[list[PahoMqttLink]]:
+    """Links started by a test, all stopped at its end."""
+    made: list[PahoMqttLink] = []
+    yield made
+    for link in made:
+        link.stop()
+
+
+def start_link(made: list[PahoMqttLink], broker: Any, *, will: Will | None = None, **options):
+    link = PahoMqttLink(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}), will=will)
+    made.append(link)
+    link.start()
+    return link
+
+
+def connected(link: PahoMqttLink) -> PahoMqttLink:
+    assert link.wait_connected(CONNECT_TIMEOUT_S), "link did not connect"
+    return link
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_qos1_publish_waits_for_puback_and_is_received(mosquitto, links):
+    sub = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    time.sleep(0.3)  # let the SUBACK land before publishing
+    pub = connected(start_link(links, mosquitto))
+    handle = pub.publish(topics.edge_events("door-1"), b"hello", qos=1)
+    assert handle.wait(5.0) and handle.acknowledged and not handle.rejected
+    msg = inbox.get()
+    assert (msg.topic, msg.payload, msg.qos, msg.retain) == (topics.edge_events("door-1"), b"hello", 1, False)
+
+
+def test_many_publishes_beyond_the_inflight_window(mosquitto, links):
+    pub = connected(start_link(links, mosquitto, max_inflight=4))
+    handles = [pub.publish(topics.edge_events("door-1"), str(i).encode()) for i in range(200)]
+    assert all(h.wait(10.0) for h in handles)
+
+
+def test_retained_gallery_assembled_by_another_link(mosquitto, links):
+    signer = Signer.generate()
+    rng = np.random.default_rng(1)
+    people = tuple(GalleryPerson(f"p-{i:04d}", f"Person {i}") for i in range(50))
+    gallery = Gallery("hq", 1, FP, "euclidean", "float32", rng.normal(size=(200, 128)), np.arange(200) % 50, people)
+    manifest, chunks = build_publication(gallery, signer, chunk_size=8 * 1024)
+    assert manifest.chunk_count > 10
+
+    server = connected(start_link(links, mosquitto))
+    handles = [server.publish(topics.gallery_blob("hq", i), c, qos=1, retain=True) for i, c in enumerate(chunks)]
+    handles.append(server.publish(topics.gallery_manifest("hq"), manifest.to_json(), qos=1, retain=True))
+    assert all(h.wait(10.0) for h in handles)
+
+    # an edge subscribing afterwards gets everything from the retained store
+    done: queue.Queue[Gallery] = queue.Queue()
+    errors: list[Exception] = []
+    assembler = GalleryAssembler(signer.verifier, FP, "hq")
+
+    def on_gallery_message(msg: InboundMessage) -> None:
+        assert msg.retain
+        try:
+            result = assembler.feed(msg.topic, msg.payload)
+        except Exception as exc:  # the test wants to see it, not the link's log
+            errors.append(exc)
+            return
+        if result is not None:
+            done.put(result)
+
+    edge = connected(start_link(links, mosquitto))
+    edge.subscribe(topics.site_gallery_filter("hq"), 1, on_gallery_message)
+    got = done.get(timeout=10.0)
+    assert not errors
+    np.testing.assert_array_equal(got.embeddings, gallery.embeddings)
+    assert got.people == people and got.version == 1
+
+
+def test_one_mib_chunks_pass_the_broker(mosquitto, links):
+    chunk = bytes(range(256)) * 4096  # the largest chunk the contract allows
+    sub = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    sub.subscribe(topics.site_gallery_filter("big"), 1, inbox)
+    time.sleep(0.3)
+    pub = connected(start_link(links, mosquitto))
+    assert pub.publish(topics.gallery_blob("big", 0), chunk, qos=1, retain=True).wait(10.0)
+    assert inbox.get().payload == chunk
+
+
+_DYING_EDGE = textwrap.dedent(
+    """
+    import sys, time
+    from models.contract.mqtt_link import MqttConfig, PahoMqttLink, Will
+    url, topic, will_payload, online = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4])
+    link = PahoMqttLink(MqttConfig.from_url(url, client_id="dying-edge", keepalive=5), will=Will(topic, will_payload))
+    link.start()
+    assert link.wait_connected(10)
+    assert link.publish(topic, online, qos=1, retain=True).wait(10)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def edge_status(state: str) -> EdgeStatus:
+    return EdgeStatus(
+        state=state,
+        device_id="door-1",
+        site="hq",
+        agent_version="0.1.0",
+        gallery_version=None,
+        fingerprint=FP,
+        ts=utc_now(),
+    )
+
+
+def test_last_will_fires_offline_when_the_edge_is_killed(mosquitto, links):
+    topic = topics.edge_status("door-1")
+    watcher = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    watcher.subscribe(topics.ALL_EDGE_STATUS, 1, inbox)
+    time.sleep(0.3)
+    args = [topic, edge_status("offline").to_json().hex(), edge_status("online").to_json().hex()]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING_EDGE, mosquitto.url, *args], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert EdgeStatus.from_json(inbox.get().payload).state == "online"
+        proc.kill()  # SIGKILL: no DISCONNECT, the socket just closes
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    msg = inbox.get(timeout=10.0)
+    assert EdgeStatus.from_json(msg.payload).state == "offline"
+    # and it was retained: a late subscriber sees the edge offline
+    late = connected(start_link(links, mosquitto))
+    late_inbox = Inbox()
+    late.subscribe(topic, 1, late_inbox)
+    retained = late_inbox.get()
+    assert retained.retain and EdgeStatus.from_json(retained.payload).state == "offline"
+
+
+def test_clean_stop_discards_the_will(mosquitto, links):
+    topic = topics.edge_status("door-2")
+    watcher = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    watcher.subscribe(topic, 1, inbox)
+    time.sleep(0.3)
+    edge = connected(start_link(links, mosquitto, will=Will(topic, edge_status("offline").to_json())))
+    assert edge.publish(topic, edge_status("stopped").to_json(), retain=True).wait(5.0)
+    edge.stop()
+    states = [EdgeStatus.from_json(m.payload).state for m in inbox.drain(quiet_s=1.0)]
+    assert states == ["stopped"]
+    with pytest.raises(MqttError, match="stopped"):
+        edge.publish(topic, b"x")
+
+
+def test_subscriptions_survive_a_broker_restart(mosquitto, links):
+    # clean session: the broker forgets the subscription when it goes; only our on_connect re-subscribes
+    sub = connected(start_link(links, mosquitto))
+    changes: queue.Queue[bool] = queue.Queue()
+    sub.add_connection_listener(changes.put)
+    inbox = Inbox()
+    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    pub = connected(start_link(links, mosquitto))
+    time.sleep(0.3)
+    assert pub.publish(topics.edge_events("door-1"), b"before").wait(5.0)
+    assert inbox.get().payload == b"before"
+
+    mosquitto.stop()
+    assert wait_until(lambda: not sub.is_connected() and not pub.is_connected())
+    assert changes.get(timeout=5.0) is False
+    mosquitto.start()
+    assert connected(sub) and connected(pub)
+    assert changes.get(timeout=5.0) is True
+    time.sleep(0.3)  # the re-SUBSCRIBE is sent from on_connect; give its SUBACK a moment
+    assert pub.publish(topics.edge_events("door-1"), b"after").wait(5.0)
+    assert inbox.get().payload == b"after"
+
+
+def test_publish_while_the_broker_is_down_is_delivered_after_it_returns(mosquitto, links):
+    sub_id = f"consumer-{uuid.uuid4().hex[:8]}"
+    sub = connected(start_link(links, mosquitto, client_id=sub_id, clean_session=False))
+    inbox = Inbox()
+    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    pub = connected(start_link(links, mosquitto))
+    time.sleep(0.3)
+
+    mosquitto.stop()
+    assert wait_until(lambda: not pub.is_connected())
+    handles = [pub.publish(topics.edge_events("door-1"), f"offline-{i}".encode()) for i in range(5)]
+    # queued in paho's memory, not acknowledged: the outbox must keep these until the handles say so
+    assert not any(h.wait(0.5) for h in handles)
+    mosquitto.start()
+    assert all(h.wait(15.0) for h in handles)
+    received = [inbox.get().payload for _ in range(5)]
+    assert sorted(received) == sorted(f"offline-{i}".encode() for i in range(5))
+
+
+def test_persistent_session_gets_what_was_published_while_it_was_away(mosquitto, links):
+    client_id = f"server-{uuid.uuid4().hex[:8]}"
+    first = connected(start_link(links, mosquitto, client_id=client_id, clean_session=False))
+    first.subscribe(topics.ALL_EDGE_EVENTS, 1, Inbox())
+    time.sleep(0.3)
+    first.stop()
+    pub = connected(start_link(links, mosquitto))
+    assert pub.publish(topics.edge_events("door-3"), b"while away").wait(5.0)
+    inbox = Inbox()
+    again = PahoMqttLink(MqttConfig.from_url(mosquitto.url, client_id=client_id, clean_session=False, **FAST_RECONNECT))
+    links.append(again)
+    again.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)  # before start: made in on_connect
+    again.start()
+    assert inbox.get().payload == b"while away"
+
+
+def test_mqtt5_publish_and_subscribe(mosquitto, links):
+    sub = connected(start_link(links, mosquitto, protocol="5"))
+    inbox = Inbox()
+    sub.subscribe(topics.ALL_GALLERY_ACKS, 1, inbox)
+    time.sleep(0.3)
+    pub = connected(start_link(links, mosquitto, protocol="5"))
+    handle = pub.publish(topics.gallery_ack("door-1"), b"ack", qos=1)
+    assert handle.wait(5.0) and handle.reason_code == 0
+    assert inbox.get().payload == b"ack"
+
+
+def test_a_failing_handler_does_not_stop_the_link(mosquitto, links, caplog):
+    sub = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    calls = threading.Event()
+
+    def broken(msg: InboundMessage) -> None:
+        calls.set()
+        raise RuntimeError("handler bug")
+
+    sub.subscribe(topics.ALL_EDGE_STATUS, 1, broken)
+    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    time.sleep(0.3)
+    pub = connected(start_link(links, mosquitto))
+    assert pub.publish(topics.edge_status("door-1"), b"boom").wait(5.0)
+    assert calls.wait(5.0)
+    assert pub.publish(topics.edge_events("door-1"), b"still alive").wait(5.0)
+    assert inbox.get().payload == b"still alive"
+    assert sub.is_connected()
+    assert "handler bug" in caplog.text or "failed" in caplog.text
+
+
+def test_start_before_the_broker_exists(mosquitto, links):
+    mosquitto.stop()
+    link = start_link(links, mosquitto)
+    early = link.publish(topics.edge_events("door-1"), b"early")
+    assert not link.wait_connected(1.5)
+    mosquitto.start()
+    assert connected(link)
+    assert early.wait(10.0)
+
+
+def test_qos0_while_disconnected_fails_at_once(mosquitto, links):
+    link = connected(start_link(links, mosquitto))
+    mosquitto.stop()
+    assert wait_until(lambda: not link.is_connected())
+    handle = link.publish(topics.edge_events("door-1"), b"lost", qos=0)
+    assert handle.wait(0.1) is False and handle._done.is_set()
+
+
+def test_publishes_racing_a_broker_crash_are_resent(mosquitto, links):
+    # SIGKILL: the publisher learns of the loss only when its socket fails, so some of these are written into a
+    # dead connection; paho keeps each until a PUBACK and resends it (dup flag) after reconnecting
+    pub = connected(start_link(links, mosquitto))
+    mosquitto.kill()
+    handles = [pub.publish(topics.edge_events("door-1"), f"racing-{i}".encode()) for i in range(20)]
+    mosquitto.start()
+    assert all(h.wait(15.0) for h in handles)
+    sub = connected(start_link(links, mosquitto))
+    inbox = Inbox()
+    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    time.sleep(0.3)
+    assert pub.publish(topics.edge_events("door-1"), b"after").wait(5.0)
+    assert inbox.get().payload == b"after"
