@@ -1,0 +1,1186 @@
+"""The enrollment server's database: sites, people, face templates, gallery versions, devices and attendance.
+
+SQLAlchemy Core on SQLite (embedded default) or PostgreSQL. Every public method is one short transaction and returns
+frozen dataclasses, never driver rows. Timestamps go in and come out timezone-aware UTC on both backends.
+
+Concurrency: several threads (MQTT ingest, admin API, gallery builder) share one Store. On PostgreSQL each method
+relies on READ COMMITTED plus row locks taken by its own UPDATE / INSERT ... ON CONFLICT. On SQLite writers start
+with BEGIN IMMEDIATE, so a write transaction holds the database's single write lock from its first statement: no
+read-then-upgrade deadlocks (SQLITE_BUSY_SNAPSHOT, which the busy timeout cannot wait out), and readers keep
+reading under WAL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, Engine, bindparam, create_engine, event, func, or_, select
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError, StatementError
+from sqlalchemy.pool import StaticPool
+
+from enrollment_server import schema
+from enrollment_server.schema import (
+    ACK_STATUSES,
+    DEVICE_STATES,
+    attendance_events,
+    devices,
+    gallery_acks,
+    gallery_versions,
+    people,
+    sites,
+    templates,
+)
+from models.errors import ConflictError, DatabaseVersionError, NotFoundError, StoreError, StoreValueError
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# RETURNING (used for atomic allocation and per-row insert results) arrived in SQLite 3.35.
+_MIN_SQLITE = (3, 35, 0)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime, what: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise StoreValueError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise StoreValueError(f"{what} {value.isoformat()} is naive: pass a timezone-aware datetime")
+    return value.astimezone(timezone.utc)
+
+
+def _sha256(value: str, what: str) -> str:
+    digest = value.lower()
+    if not _SHA256.fullmatch(digest):
+        raise StoreValueError(f"{what} must be 64 hex digits, got {value!r}")
+    return digest
+
+
+def _nonempty(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise StoreValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _ident(value: str, what: str) -> str:
+    """An id or fingerprint: non-empty and within the columns' 128 characters (PostgreSQL enforces the limit,
+    SQLite does not: checking here gives the same StoreValueError on both)."""
+    _nonempty(value, what)
+    if len(value) > schema.ID_LENGTH:
+        raise StoreValueError(f"{what} is longer than {schema.ID_LENGTH} characters: {value[:40]!r}...")
+    return value
+
+
+def _optional_ident(value: str | None, what: str) -> str | None:
+    return None if value is None else _ident(value, what)
+
+
+def _canonical_uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError as exc:
+        raise StoreValueError(f"event_id {value!r} is not a UUID") from exc
+
+
+# --- records ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Site:
+    site_id: str
+    name: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class Person:
+    person_id: str
+    site_id: str
+    display_name: str
+    active: bool
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True)
+class TemplateQuality:
+    """The enrolment quality figures measured on the photo a template came from (None where not measured)."""
+
+    detector_score: float | None = None
+    face_size_px: float | None = None
+    blur: float | None = None  # variance of the Laplacian
+    pose_score: float | None = None  # 1.0 = frontal
+
+
+# eq=False: the generated __eq__ would compare numpy arrays, whose `==` is elementwise and cannot be a bool.
+@dataclass(frozen=True, eq=False)
+class Template:
+    id: int
+    person_id: str
+    embedding: np.ndarray  # float32 (dim,), read-only
+    encoder_fingerprint: str
+    quality: TemplateQuality
+    image_sha256: str
+    has_photo: bool
+    created: datetime
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedding.shape[0])
+
+
+# eq=False: the generated __eq__ would compare numpy arrays, whose `==` is elementwise and cannot be a bool.
+@dataclass(frozen=True, eq=False)
+class SiteEmbeddings:
+    """Every template of a site's active people under one encoder fingerprint, ready for an index build.
+
+    Rows are ordered by person_id (bytewise) then template id, so the same database gives the same gallery bytes.
+    Unpacks as `embeddings, labels, names = store.site_embeddings(...)`.
+    """
+
+    embeddings: np.ndarray  # float32 (n, dim), read-only
+    labels: tuple[str, ...]  # person_id of each row
+    names: Mapping[str, str]  # person_id -> display name, for every label
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.embeddings, self.labels, self.names))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class GalleryVersion:
+    site_id: str
+    version: int
+    fingerprint: str
+    count: int
+    people: int
+    blob_sha256: str
+    manifest_json: str
+    created: datetime
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_json)
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One status message from an edge (retained `edge/{device}/status`)."""
+
+    device_id: str
+    site_id: str
+    state: str  # one of DEVICE_STATES
+    status_ts: datetime  # the device's timestamp: older statuses than the stored one are ignored
+    agent_version: str | None = None
+    gallery_version: int | None = None
+    fingerprint: str | None = None
+    health: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    site_id: str
+    state: str
+    agent_version: str | None
+    gallery_version: int | None
+    fingerprint: str | None
+    health_json: str | None
+    last_seen: datetime | None
+    last_status_ts: datetime | None
+    latest_site_version: int | None  # the newest recorded gallery version of the device's site
+    lag: int  # latest_site_version - applied version (a device that applied none counts as version 0)
+
+    def health(self) -> dict[str, Any] | None:
+        return None if self.health_json is None else json.loads(self.health_json)
+
+
+@dataclass(frozen=True)
+class GalleryAck:
+    id: int
+    device_id: str
+    site_id: str
+    version: int
+    status: str
+    error: str | None
+    received: datetime
+
+
+@dataclass(frozen=True)
+class AttendanceEvent:
+    """An attendance event as the edge published it (see DESIGN.md, wire contract)."""
+
+    event_id: str
+    seq: int
+    device_id: str
+    site_id: str
+    ts: datetime
+    camera: str | None = None
+    track_id: int | None = None
+    person_id: str | None = None  # None = stranger
+    name: str | None = None
+    distance: float | None = None
+    margin: float | None = None
+    threshold: float | None = None
+    gallery_version: int | None = None
+    fingerprint: str | None = None
+    snapshot: str | None = None  # a reference, never image bytes
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    event: AttendanceEvent
+    received_at: datetime
+    duplicates: int  # how many more times the same event_id arrived after the first
+
+
+@dataclass(frozen=True)
+class DailyAttendance:
+    """One person's day at one site: the report row."""
+
+    site_id: str
+    person_id: str
+    name: str | None
+    day: date
+    first_seen: datetime  # UTC
+    last_seen: datetime  # UTC
+    events: int
+
+
+# --- row converters ---------------------------------------------------------------------------------------------
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def _site(row: Any) -> Site:
+    return Site(site_id=row.site_id, name=row.name, created=row.created)
+
+
+def _person(row: Any) -> Person:
+    return Person(
+        person_id=row.person_id,
+        site_id=row.site_id,
+        display_name=row.display_name,
+        active=bool(row.active),
+        created=row.created,
+        updated=row.updated,
+    )
+
+
+def _template(row: Any) -> Template:
+    embedding = np.frombuffer(bytes(row.embedding), dtype="<f4").astype(np.float32, copy=False)
+    if embedding.shape[0] != row.dim:
+        raise StoreError(f"template {row.id}: {embedding.shape[0]} stored values but dim {row.dim}")
+    return Template(
+        id=int(row.id),
+        person_id=row.person_id,
+        embedding=_readonly(embedding),
+        encoder_fingerprint=row.encoder_fingerprint,
+        quality=TemplateQuality(
+            detector_score=row.detector_score,
+            face_size_px=row.face_size_px,
+            blur=row.blur,
+            pose_score=row.pose_score,
+        ),
+        image_sha256=row.image_sha256,
+        has_photo=bool(row.has_photo),
+        created=row.created,
+    )
+
+
+def _gallery_version(row: Any) -> GalleryVersion:
+    return GalleryVersion(
+        site_id=row.site_id,
+        version=int(row.version),
+        fingerprint=row.fingerprint,
+        count=int(row.count),
+        people=int(row.people),
+        blob_sha256=row.blob_sha256,
+        manifest_json=row.manifest,
+        created=row.created,
+    )
+
+
+def _ack(row: Any) -> GalleryAck:
+    return GalleryAck(
+        id=int(row.id),
+        device_id=row.device_id,
+        site_id=row.site_id,
+        version=int(row.version),
+        status=row.status,
+        error=row.error,
+        received=row.received,
+    )
+
+
+_EVENT_FIELDS = tuple(f for f in AttendanceEvent.__dataclass_fields__)
+
+
+def _stored_event(row: Any) -> StoredEvent:
+    mapping = row._mapping
+    return StoredEvent(
+        event=AttendanceEvent(**{name: mapping[name] for name in _EVENT_FIELDS}),
+        received_at=row.received_at,
+        duplicates=int(row.duplicates),
+    )
+
+
+def _event_values(event_: AttendanceEvent, received_at: datetime) -> dict[str, Any]:
+    """The row for one event, validated: the de-duplication key is the canonical UUID text."""
+    values = {name: getattr(event_, name) for name in _EVENT_FIELDS}
+    values["event_id"] = _canonical_uuid(event_.event_id)
+    values["device_id"] = _ident(event_.device_id, "device_id")
+    values["site_id"] = _ident(event_.site_id, "site_id")
+    values["person_id"] = _optional_ident(event_.person_id, "person_id")
+    values["camera"] = _optional_ident(event_.camera, "camera")
+    values["fingerprint"] = _optional_ident(event_.fingerprint, "fingerprint")
+    values["ts"] = _utc(event_.ts, "event ts")
+    values["received_at"] = received_at
+    values["duplicates"] = 0
+    return values
+
+
+# --- the store --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Driver and SQLAlchemy failures leave the store as StoreError, so callers handle one exception family."""
+    try:
+        yield
+    except StatementError as exc:
+        if isinstance(exc.orig, StoreError):
+            raise exc.orig from None  # our own check (e.g. UTCDateTime refusing a naive value), wrapped by SQLAlchemy
+        raise StoreError(f"database error: {exc.orig or exc}") from exc
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error: {exc}") from exc
+
+
+_EVENT_COLUMNS = tuple(c.name for c in attendance_events.c)
+
+
+def _pg_batch_insert() -> Any:
+    """INSERT ... SELECT FROM unnest(one array per column) ON CONFLICT DO NOTHING RETURNING event_id.
+
+    unnest() yields the rows in array order, and the caller sorts them by event_id, which keeps the lock order.
+    """
+    source = (
+        func.unnest(*(bindparam(f"a_{c.name}", type_=pg_dialect.ARRAY(c.type)) for c in attendance_events.c))
+        .table_valued(*_EVENT_COLUMNS)
+        .render_derived()
+    )
+    return (
+        pg_dialect.insert(attendance_events)
+        .from_select(list(_EVENT_COLUMNS), select(*(source.c[name] for name in _EVENT_COLUMNS)))
+        .on_conflict_do_nothing(index_elements=[attendance_events.c.event_id])
+        .returning(attendance_events.c.event_id)
+    )
+
+
+_PG_BATCH_INSERT = _pg_batch_insert()
+
+
+@dataclass(frozen=True)
+class _Options:
+    keep_photos: bool
+    busy_timeout_s: float
+
+
+def _resolve_url(target: str | Path) -> URL:
+    """A SQLite file path, or an SQLAlchemy URL for SQLite or PostgreSQL (psycopg 3 driver)."""
+    text_target = str(target)
+    if isinstance(target, Path) or "://" not in text_target:
+        return URL.create("sqlite", database=str(Path(text_target).expanduser().resolve()))
+    try:
+        url = make_url(text_target)
+    except ArgumentError as exc:
+        raise StoreValueError(f"not a database URL: {text_target!r}") from exc
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.get_driver_name() not in ("pysqlite", ""):
+            raise StoreValueError(f"SQLite is supported through the standard sqlite3 module only, not {url.drivername}")
+        return url.set(drivername="sqlite")
+    if backend in ("postgresql", "postgres"):
+        if "+" in url.drivername and url.get_driver_name() != "psycopg":
+            raise StoreValueError(f"PostgreSQL is supported through psycopg 3 only, not {url.drivername}")
+        # A bare postgresql:// would pick psycopg2, which is not a dependency.
+        return url.set(drivername="postgresql+psycopg")
+    raise StoreValueError(f"unsupported database {url.drivername!r}: use a SQLite path or postgresql+psycopg://")
+
+
+def _create_engine(url: URL, options: _Options) -> Engine:
+    if url.get_backend_name() == "postgresql":
+        # pre_ping: a server-side restart must not turn into errors on the next request.
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=8, max_overflow=16, connect_args={"connect_timeout": 10}
+        )
+
+    if sqlite3.sqlite_version_info < _MIN_SQLITE:
+        raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: need {'.'.join(map(str, _MIN_SQLITE))}")
+    in_memory = url.database in (None, "", ":memory:")
+    if in_memory:
+        # One shared connection, or every pooled connection would see its own empty database.
+        engine = create_engine(
+            url, poolclass=StaticPool, connect_args={"check_same_thread": False, "timeout": options.busy_timeout_s}
+        )
+    else:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+        engine = create_engine(url, connect_args={"timeout": options.busy_timeout_s}, pool_size=8, max_overflow=16)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (its legacy mode starts no transaction for SELECT
+        # or DDL) and emit BEGIN ourselves in _on_begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+                # FULL, not WAL's usual NORMAL: the MQTT ingest acknowledges an event once it is committed, and the
+                # edge then drops it from its outbox, so a commit must survive a power cut too.
+                cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")  # off by default, per connection: cascades need it
+            cursor.execute(f"PRAGMA busy_timeout={int(options.busy_timeout_s * 1000)}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("faceattend_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class Store:
+    """The server's persistent state. Thread-safe: share one instance; call close() (or use `with`) at the end."""
+
+    def __init__(self, engine: Engine, options: _Options) -> None:
+        self._engine = engine
+        self._options = options
+        self._dialect = engine.dialect.name
+        self._insert = pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert
+
+    @classmethod
+    def open(
+        cls, url: str | Path, *, keep_photos: bool = False, busy_timeout_s: float = 30.0, echo: bool = False
+    ) -> Store:
+        """Open (creating or upgrading its schema) a SQLite file / `sqlite:///` URL or a `postgresql+psycopg://` URL.
+
+        keep_photos: store enrolment photo bytes with templates (off by default: embeddings are enough to rebuild a
+        gallery, and photos are the most sensitive data the server could hold).
+        Raises DatabaseVersionError for a database from a newer program, StoreError when it cannot be opened.
+        """
+        resolved = _resolve_url(url)
+        options = _Options(keep_photos=keep_photos, busy_timeout_s=busy_timeout_s)
+        engine = _create_engine(resolved, options)
+        if echo:
+            engine.echo = True
+        store = cls(engine, options)
+        try:
+            with store._write() as conn:
+                found = schema.migrate(conn, now=_now())
+        except DatabaseVersionError:
+            engine.dispose()
+            raise
+        except StoreError as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open {resolved.render_as_string(hide_password=True)}: {exc}") from exc
+        if found != schema.LATEST_VERSION:
+            log.info("database schema upgraded from version %d to %d", found, schema.LATEST_VERSION)
+        return store
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql"."""
+        return self._dialect
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return schema.current_version(conn)
+
+    # -- transactions ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with _store_errors(), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with _store_errors(), self._engine.connect() as conn:
+            conn = conn.execution_options(faceattend_write=True)
+            with conn.begin():
+                yield conn
+
+    def _bytewise(self, column: ColumnElement[str]) -> ColumnElement[str]:
+        # PostgreSQL sorts text by the database's locale collation, SQLite bytewise: "C" makes both agree, so an
+        # ordered result (and a gallery blob built from it) is the same on either backend.
+        return column.collate("C") if self._dialect == "postgresql" else column
+
+    # -- sites ----------------------------------------------------------------------------------------------------
+
+    def ensure_site(self, site_id: str, name: str | None = None) -> Site:
+        """The site, created (named `name`, else its id) if it does not exist; an existing site is not renamed."""
+        _ident(site_id, "site_id")
+        with self._write() as conn:
+            conn.execute(
+                self._insert(sites)
+                .values(site_id=site_id, name=name or site_id, created=_now())
+                .on_conflict_do_nothing(index_elements=[sites.c.site_id])
+            )
+            row = conn.execute(select(sites).where(sites.c.site_id == site_id)).one()
+        return _site(row)
+
+    def get_site(self, site_id: str) -> Site:
+        with self._read() as conn:
+            row = conn.execute(select(sites).where(sites.c.site_id == site_id)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no site {site_id!r}")
+        return _site(row)
+
+    def list_sites(self) -> list[Site]:
+        with self._read() as conn:
+            rows = conn.execute(select(sites).order_by(self._bytewise(sites.c.site_id))).all()
+        return [_site(row) for row in rows]
+
+    # -- people ---------------------------------------------------------------------------------------------------
+
+    def add_person(self, person_id: str, site_id: str, display_name: str, *, active: bool = True) -> Person:
+        """Raises ConflictError if the person id exists (at any site), NotFoundError if the site does not."""
+        _ident(person_id, "person_id")
+        _nonempty(display_name, "display_name")
+        now = _now()
+        with self._write() as conn:
+            if conn.execute(select(sites.c.site_id).where(sites.c.site_id == site_id)).first() is None:
+                raise NotFoundError(f"no site {site_id!r}: create it first (ensure_site)")
+            # ON CONFLICT DO NOTHING instead of catching IntegrityError: no returned row means a duplicate, with no
+            # driver messages to parse and no way to mistake another constraint's failure for one.
+            inserted = conn.execute(
+                self._insert(people)
+                .values(
+                    person_id=person_id,
+                    site_id=site_id,
+                    display_name=display_name,
+                    active=active,
+                    created=now,
+                    updated=now,
+                )
+                .on_conflict_do_nothing(index_elements=[people.c.person_id])
+                .returning(people)
+            ).one_or_none()
+        if inserted is None:
+            raise ConflictError(f"person {person_id!r} already exists")
+        return _person(inserted)
+
+    def get_person(self, person_id: str) -> Person:
+        with self._read() as conn:
+            row = conn.execute(select(people).where(people.c.person_id == person_id)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no person {person_id!r}")
+        return _person(row)
+
+    def list_people(self, site_id: str, *, active_only: bool = False) -> list[Person]:
+        query = select(people).where(people.c.site_id == site_id)
+        if active_only:
+            query = query.where(people.c.active.is_(True))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(self._bytewise(people.c.person_id))).all()
+        return [_person(row) for row in rows]
+
+    def _update_person(self, person_id: str, **values: Any) -> Person:
+        with self._write() as conn:
+            row = conn.execute(
+                people.update()
+                .where(people.c.person_id == person_id)
+                .values(**values, updated=_now())
+                .returning(people)
+            ).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no person {person_id!r}")
+        return _person(row)
+
+    def rename_person(self, person_id: str, display_name: str) -> Person:
+        return self._update_person(person_id, display_name=_nonempty(display_name, "display_name"))
+
+    def set_active(self, person_id: str, active: bool) -> Person:
+        """An inactive person keeps their templates but is left out of galleries built from now on."""
+        return self._update_person(person_id, active=bool(active))
+
+    def remove_person(self, person_id: str) -> int:
+        """Delete the person and (ON DELETE CASCADE) their templates; returns how many templates went with them.
+
+        Their attendance events stay: they are history. The edges forget the person at the next gallery version.
+        """
+        with self._write() as conn:
+            # FOR UPDATE (PostgreSQL; SQLite's write lock already excludes everyone): an add_template racing with
+            # the removal waits or fails on the person's row, so the count below is exactly what the cascade deletes.
+            locked = conn.execute(
+                select(people.c.person_id).where(people.c.person_id == person_id).with_for_update()
+            ).first()
+            if locked is None:
+                raise NotFoundError(f"no person {person_id!r}")
+            removed = conn.execute(
+                select(func.count()).select_from(templates).where(templates.c.person_id == person_id)
+            ).scalar_one()
+            conn.execute(people.delete().where(people.c.person_id == person_id))
+        log.info("removed person %s and %d templates", person_id, removed)
+        return int(removed)
+
+    # -- templates ------------------------------------------------------------------------------------------------
+
+    def add_template(
+        self,
+        person_id: str,
+        embedding: np.ndarray,
+        *,
+        encoder_fingerprint: str,
+        image_sha256: str,
+        quality: TemplateQuality | None = None,
+        photo: bytes | None = None,
+    ) -> Template:
+        """Store one face embedding of a person.
+
+        Raises ConflictError when this person already has a template from the same image (sha256), NotFoundError
+        for an unknown person, StoreValueError for an embedding that is not a finite 1-D vector.
+        """
+        vector = np.asarray(embedding)
+        if vector.ndim != 1 or vector.shape[0] == 0 or not np.issubdtype(vector.dtype, np.number):
+            raise StoreValueError(f"embedding must be a non-empty 1-D numeric vector, got shape {vector.shape}")
+        vector = vector.astype("<f4")
+        if not np.all(np.isfinite(vector)):
+            raise StoreValueError("embedding holds NaN or infinite values")
+        digest = _sha256(image_sha256, "image_sha256")
+        _ident(encoder_fingerprint, "encoder_fingerprint")
+        quality = quality or TemplateQuality()
+        if photo is not None and not self._options.keep_photos:
+            log.debug("photo for %s not stored: keep_photos is off", person_id)
+            photo = None
+        with self._write() as conn:
+            # FOR SHARE: a concurrent remove_person cannot delete the person between this check and the insert (which
+            # would surface as a foreign-key error instead of NotFoundError).
+            person = select(people.c.person_id).where(people.c.person_id == person_id).with_for_update(read=True)
+            if conn.execute(person).first() is None:
+                raise NotFoundError(f"no person {person_id!r}")
+            template_id = conn.execute(
+                self._insert(templates)
+                .values(
+                    person_id=person_id,
+                    embedding=vector.tobytes(),
+                    dim=int(vector.shape[0]),
+                    encoder_fingerprint=encoder_fingerprint,
+                    detector_score=quality.detector_score,
+                    face_size_px=quality.face_size_px,
+                    blur=quality.blur,
+                    pose_score=quality.pose_score,
+                    image_sha256=digest,
+                    photo=photo,
+                    created=_now(),
+                )
+                .on_conflict_do_nothing(index_elements=[templates.c.person_id, templates.c.image_sha256])
+                .returning(templates.c.id)
+            ).scalar_one_or_none()
+            if template_id is None:
+                raise ConflictError(f"person {person_id!r} already has a template from image {digest}")
+            # Read back with a plain SELECT: SQLite 3.40 evaluates `photo IS NOT NULL` wrongly inside RETURNING
+            # (it said true for a NULL photo), so only bare columns are ever returned from a write.
+            row = conn.execute(select(*self._template_columns()).where(templates.c.id == template_id)).one()
+        return _template(row)
+
+    @staticmethod
+    def _template_columns() -> list[ColumnElement[Any]]:
+        # Everything but the photo bytes, which only template_photo() reads.
+        return [
+            *(c for c in templates.c if c.name != "photo"),
+            templates.c.photo.is_not(None).label("has_photo"),
+        ]
+
+    def _template_filter(
+        self, person_id: str | None, site_id: str | None, fingerprint: str | None
+    ) -> list[ColumnElement[bool]]:
+        if (person_id is None) == (site_id is None):
+            raise StoreValueError("give exactly one of person_id or site_id")
+        where: list[ColumnElement[bool]] = []
+        if person_id is not None:
+            where.append(templates.c.person_id == person_id)
+        else:
+            where.append(templates.c.person_id.in_(select(people.c.person_id).where(people.c.site_id == site_id)))
+        if fingerprint is not None:
+            where.append(templates.c.encoder_fingerprint == fingerprint)
+        return where
+
+    def list_templates(
+        self, *, person_id: str | None = None, site_id: str | None = None, fingerprint: str | None = None
+    ) -> list[Template]:
+        """Templates of one person or of every person of a site (active or not), optionally under one encoder."""
+        query = (
+            select(*self._template_columns())
+            .where(*self._template_filter(person_id, site_id, fingerprint))
+            .order_by(self._bytewise(templates.c.person_id), templates.c.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [_template(row) for row in rows]
+
+    def count_templates(
+        self, *, person_id: str | None = None, site_id: str | None = None, fingerprint: str | None = None
+    ) -> int:
+        where = self._template_filter(person_id, site_id, fingerprint)
+        query = select(func.count()).select_from(templates).where(*where)
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def delete_template(self, template_id: int) -> None:
+        with self._write() as conn:
+            deleted = conn.execute(templates.delete().where(templates.c.id == template_id)).rowcount
+        if deleted == 0:
+            raise NotFoundError(f"no template {template_id}")
+
+    def template_photo(self, template_id: int) -> bytes | None:
+        """The enrolment photo stored with a template (None when photos were not kept)."""
+        with self._read() as conn:
+            row = conn.execute(select(templates.c.photo).where(templates.c.id == template_id)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no template {template_id}")
+        return None if row.photo is None else bytes(row.photo)
+
+    def site_embeddings(self, site_id: str, fingerprint: str) -> SiteEmbeddings:
+        """The gallery's input: one query, one buffer join, one frombuffer (50,000 templates in well under 1 s)."""
+        query = (
+            select(templates.c.person_id, people.c.display_name, templates.c.dim, templates.c.embedding)
+            .join(people, people.c.person_id == templates.c.person_id)
+            .where(
+                people.c.site_id == site_id,
+                people.c.active.is_(True),
+                templates.c.encoder_fingerprint == fingerprint,
+            )
+            .order_by(self._bytewise(templates.c.person_id), templates.c.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        dims = {row.dim for row in rows}
+        if len(dims) > 1:
+            # One fingerprint fixes the dimension; two means the table was written inconsistently.
+            raise StoreError(f"site {site_id!r}, fingerprint {fingerprint!r}: templates of dims {sorted(dims)}")
+        dim = dims.pop() if dims else 0
+        buffer = b"".join(bytes(row.embedding) for row in rows)
+        if len(buffer) != 4 * dim * len(rows):
+            raise StoreError(f"site {site_id!r}: stored embeddings do not match their dim {dim}")
+        embeddings = np.frombuffer(buffer, dtype="<f4").astype(np.float32, copy=False).reshape(len(rows), dim)
+        labels = tuple(row.person_id for row in rows)
+        names = MappingProxyType({row.person_id: row.display_name for row in rows})
+        return SiteEmbeddings(embeddings=_readonly(embeddings), labels=labels, names=names)
+
+    # -- gallery versions -----------------------------------------------------------------------------------------
+
+    def next_gallery_version(self, site_id: str) -> int:
+        """Allocate the site's next gallery version number; concurrent callers get distinct, consecutive numbers.
+
+        A number is never handed out twice, even if the build that took it fails and records nothing.
+        """
+        with self._write() as conn:
+            # One statement that increments and reads: the row lock (PostgreSQL) / write lock (SQLite) orders
+            # concurrent callers, and each sees the value its own increment produced.
+            version = conn.execute(
+                sites.update()
+                .where(sites.c.site_id == site_id)
+                .values(last_gallery_version=sites.c.last_gallery_version + 1)
+                .returning(sites.c.last_gallery_version)
+            ).scalar_one_or_none()
+        if version is None:
+            raise NotFoundError(f"no site {site_id!r}")
+        return int(version)
+
+    def record_gallery_version(
+        self,
+        site_id: str,
+        version: int,
+        *,
+        fingerprint: str,
+        count: int,
+        people: int,
+        blob_sha256: str,
+        manifest: Mapping[str, Any] | str,
+    ) -> GalleryVersion:
+        """Record a built gallery. The version must have come from next_gallery_version and not be recorded yet."""
+        manifest_json = manifest if isinstance(manifest, str) else json.dumps(manifest, sort_keys=True)
+        try:
+            json.loads(manifest_json)
+        except ValueError as exc:
+            raise StoreValueError(f"manifest is not JSON: {exc}") from exc
+        digest = _sha256(blob_sha256, "blob_sha256")
+        _ident(fingerprint, "fingerprint")
+        with self._write() as conn:
+            allocated = conn.execute(
+                select(sites.c.last_gallery_version).where(sites.c.site_id == site_id)
+            ).scalar_one_or_none()
+            if allocated is None:
+                raise NotFoundError(f"no site {site_id!r}")
+            if not 1 <= version <= allocated:
+                # Recording an unallocated number would let a later next_gallery_version hand it out again.
+                raise StoreValueError(f"site {site_id!r}: version {version} was not allocated (last is {allocated})")
+            row = conn.execute(
+                self._insert(gallery_versions)
+                .values(
+                    site_id=site_id,
+                    version=version,
+                    fingerprint=fingerprint,
+                    count=count,
+                    people=people,
+                    blob_sha256=digest,
+                    manifest=manifest_json,
+                    created=_now(),
+                )
+                .on_conflict_do_nothing(index_elements=[gallery_versions.c.site_id, gallery_versions.c.version])
+                .returning(gallery_versions)
+            ).one_or_none()
+        if row is None:
+            raise ConflictError(f"site {site_id!r}: gallery version {version} is already recorded")
+        return _gallery_version(row)
+
+    def latest_gallery_version(self, site_id: str) -> GalleryVersion | None:
+        versions = self.list_gallery_versions(site_id, limit=1)
+        return versions[0] if versions else None
+
+    def list_gallery_versions(self, site_id: str, *, limit: int | None = None) -> list[GalleryVersion]:
+        """Recorded versions of a site, newest first."""
+        query = (
+            select(gallery_versions)
+            .where(gallery_versions.c.site_id == site_id)
+            .order_by(gallery_versions.c.version.desc())
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [_gallery_version(row) for row in rows]
+
+    # -- devices --------------------------------------------------------------------------------------------------
+
+    def upsert_device_status(self, status: DeviceStatus, *, received: datetime | None = None) -> bool:
+        """Store a device's status; returns False (nothing changed) when it is older than the stored one.
+
+        Retained status messages are re-delivered on every reconnect and QoS 1 may reorder them, so only a status
+        with a device timestamp at least as new as the stored one is applied; the comparison happens inside the
+        upsert, so two concurrent statuses cannot overwrite each other in the wrong order.
+        """
+        if status.state not in DEVICE_STATES:
+            raise StoreValueError(f"device state {status.state!r} is not one of {DEVICE_STATES}")
+        values = {
+            "device_id": _ident(status.device_id, "device_id"),
+            "site_id": _ident(status.site_id, "site_id"),
+            "state": status.state,
+            "agent_version": _optional_ident(status.agent_version, "agent_version"),
+            "gallery_version": status.gallery_version,
+            "fingerprint": _optional_ident(status.fingerprint, "fingerprint"),
+            "health": None if status.health is None else json.dumps(dict(status.health), sort_keys=True),
+            "last_seen": _utc(received, "received") if received is not None else _now(),
+            "last_status_ts": _utc(status.status_ts, "status_ts"),
+        }
+        insert = self._insert(devices).values(**values)
+        update = {name: insert.excluded[name] for name in values if name != "device_id"}
+        statement = insert.on_conflict_do_update(
+            index_elements=[devices.c.device_id],
+            set_=update,
+            where=or_(
+                devices.c.last_status_ts.is_(None),
+                devices.c.last_status_ts <= insert.excluded.last_status_ts,
+            ),
+        )
+        with self._write() as conn:
+            # RETURNING, not rowcount: drivers only guarantee rowcount for plain UPDATE / DELETE (through SQLAlchemy,
+            # psycopg reports -1 for an upsert), while a returned row is proof that the upsert wrote.
+            applied = conn.execute(statement.returning(devices.c.device_id)).first() is not None
+        if not applied:
+            log.debug("stale status of %s (ts %s) ignored", status.device_id, values["last_status_ts"])
+        return applied
+
+    def record_ack(
+        self,
+        device_id: str,
+        site_id: str,
+        version: int,
+        *,
+        ok: bool,
+        error: str | None = None,
+        received: datetime | None = None,
+    ) -> GalleryAck:
+        """Store a device's gallery acknowledgement; an ok ack also raises the device's applied version.
+
+        The applied version only moves forward (a redelivered old ack must not roll it back); a device the server
+        has not heard a status from yet is registered in state "unknown".
+        """
+        _ident(device_id, "device_id")
+        _ident(site_id, "site_id")
+        when = _utc(received, "received") if received is not None else _now()
+        status = ACK_STATUSES[0] if ok else ACK_STATUSES[1]
+        with self._write() as conn:
+            row = conn.execute(
+                gallery_acks.insert()
+                .values(
+                    device_id=device_id, site_id=site_id, version=version, status=status, error=error, received=when
+                )
+                .returning(gallery_acks)
+            ).one()
+            if ok:
+                insert = self._insert(devices).values(
+                    device_id=device_id, site_id=site_id, state="unknown", gallery_version=version
+                )
+                conn.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=[devices.c.device_id],
+                        set_={"gallery_version": insert.excluded.gallery_version},
+                        where=or_(
+                            devices.c.gallery_version.is_(None),
+                            devices.c.gallery_version < insert.excluded.gallery_version,
+                        ),
+                    )
+                )
+        if not ok:
+            log.warning("device %s failed to apply gallery %s v%d: %s", device_id, site_id, version, error)
+        return _ack(row)
+
+    def list_acks(self, *, device_id: str | None = None, site_id: str | None = None) -> list[GalleryAck]:
+        """Acknowledgements, newest first."""
+        query = select(gallery_acks)
+        if device_id is not None:
+            query = query.where(gallery_acks.c.device_id == device_id)
+        if site_id is not None:
+            query = query.where(gallery_acks.c.site_id == site_id)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(gallery_acks.c.received.desc(), gallery_acks.c.id.desc())).all()
+        return [_ack(row) for row in rows]
+
+    def list_devices(self, site_id: str | None = None) -> list[Device]:
+        """Devices (of one site, or all) with how many gallery versions each is behind its site's latest."""
+        latest = (
+            select(gallery_versions.c.site_id, func.max(gallery_versions.c.version).label("latest"))
+            .group_by(gallery_versions.c.site_id)
+            .subquery()
+        )
+        query = select(devices, latest.c.latest).outerjoin(latest, latest.c.site_id == devices.c.site_id)
+        if site_id is not None:
+            query = query.where(devices.c.site_id == site_id)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(self._bytewise(devices.c.device_id))).all()
+        return [
+            Device(
+                device_id=row.device_id,
+                site_id=row.site_id,
+                state=row.state,
+                agent_version=row.agent_version,
+                gallery_version=row.gallery_version,
+                fingerprint=row.fingerprint,
+                health_json=row.health,
+                last_seen=row.last_seen,
+                last_status_ts=row.last_status_ts,
+                latest_site_version=row.latest,
+                lag=max(0, (row.latest or 0) - (row.gallery_version or 0)),
+            )
+            for row in rows
+        ]
+
+    # -- attendance -----------------------------------------------------------------------------------------------
+
+    def insert_event(self, event_: AttendanceEvent, *, received_at: datetime | None = None) -> bool:
+        """Store an event once: True when new, False when its event_id was already stored (duplicates += 1).
+
+        QoS 1 delivers at least once, so redeliveries are expected. INSERT ... ON CONFLICT DO NOTHING decides
+        atomically which delivery is first (on PostgreSQL a concurrent same-id insert waits on the unique index
+        until the first commits); the others then increment `duplicates` with one UPDATE each, which row-locks.
+        """
+        values = _event_values(event_, _utc(received_at, "received_at") if received_at is not None else _now())
+        with self._write() as conn:
+            inserted = conn.execute(
+                self._insert(attendance_events)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[attendance_events.c.event_id])
+                .returning(attendance_events.c.event_id)
+            ).first()
+            if inserted is not None:
+                return True
+            conn.execute(
+                attendance_events.update()
+                .where(attendance_events.c.event_id == values["event_id"])
+                .values(duplicates=attendance_events.c.duplicates + 1)
+            )
+        return False
+
+    def insert_events(self, batch: Sequence[AttendanceEvent], *, received_at: datetime | None = None) -> list[bool]:
+        """Store a batch in one transaction; per event, True for the delivery that stored it, False for duplicates.
+
+        A repeated id inside the batch counts as a duplicate like a repeat across batches. Validation happens before
+        anything is written, so a malformed event rejects the whole batch and stores nothing.
+        """
+        if not batch:
+            return []
+        when = _utc(received_at, "received_at") if received_at is not None else _now()
+        rows = [_event_values(e, when) for e in batch]
+        first: dict[str, dict[str, Any]] = {}
+        # Ascending event_id order for the INSERT and the UPDATEs: concurrent batches with overlapping ids then
+        # take their unique-index and row locks in one global order, so PostgreSQL cannot deadlock them.
+        for row in sorted(rows, key=lambda r: r["event_id"]):
+            first.setdefault(row["event_id"], row)
+        repeats = Counter(row["event_id"] for row in rows)
+        unique_rows = list(first.values())
+        with self._write() as conn:
+            if self._dialect == "postgresql":
+                # One array per column through unnest(): the statement text is constant, so psycopg does not
+                # re-parse a 500-row VALUES list with 8,500 placeholders per batch (that parse was half the time).
+                arrays = {f"a_{name}": [row[name] for row in unique_rows] for name in _EVENT_COLUMNS}
+                new_ids = set(conn.execute(_PG_BATCH_INSERT, arrays).scalars())
+            else:
+                # executemany + RETURNING: SQLAlchemy's "insertmanyvalues" sends multi-row VALUES pages.
+                statement = (
+                    self._insert(attendance_events)
+                    .on_conflict_do_nothing(index_elements=[attendance_events.c.event_id])
+                    .returning(attendance_events.c.event_id)
+                )
+                new_ids = set(conn.execute(statement, unique_rows).scalars())
+            extra = [
+                {"id_": event_id, "n": repeats[event_id] - (1 if event_id in new_ids else 0)} for event_id in first
+            ]
+            extra = [item for item in extra if item["n"] > 0]
+            if extra:
+                conn.execute(
+                    attendance_events.update()
+                    .where(attendance_events.c.event_id == bindparam("id_"))
+                    .values(duplicates=attendance_events.c.duplicates + bindparam("n")),
+                    extra,
+                )
+        results: list[bool] = []
+        for row in rows:
+            event_id = row["event_id"]
+            results.append(event_id in new_ids)
+            new_ids.discard(event_id)  # only the first delivery in the batch is the new one
+        return results
+
+    def events(
+        self,
+        *,
+        site_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        person_id: str | None = None,
+        device_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[StoredEvent]:
+        """Events with start <= ts < end (either bound optional), oldest first."""
+        where: list[ColumnElement[bool]] = []
+        if site_id is not None:
+            where.append(attendance_events.c.site_id == site_id)
+        if person_id is not None:
+            where.append(attendance_events.c.person_id == person_id)
+        if device_id is not None:
+            where.append(attendance_events.c.device_id == device_id)
+        if start is not None:
+            where.append(attendance_events.c.ts >= _utc(start, "start"))
+        if end is not None:
+            where.append(attendance_events.c.ts < _utc(end, "end"))
+        query = (
+            select(attendance_events)
+            .where(*where)
+            .order_by(attendance_events.c.ts, attendance_events.c.event_id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [_stored_event(row) for row in rows]
+
+    def count_events(self, site_id: str | None = None) -> int:
+        query = select(func.count()).select_from(attendance_events)
+        if site_id is not None:
+            query = query.where(attendance_events.c.site_id == site_id)
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def daily_report(self, site_id: str | None, day: date, tz: tzinfo = timezone.utc) -> list[DailyAttendance]:
+        """First and last sighting and event count of every recognised person on one local day (all sites if None).
+
+        The local day [00:00, next 00:00) in `tz` is turned into a UTC interval here (23 or 25 hours across a DST
+        change), so SQL only filters on ts and aggregates: no time-zone functions, which SQLite lacks. Names are
+        the person's current display name, or the name the event carried if the person was deleted since.
+        """
+        if isinstance(day, datetime) or not isinstance(day, date):
+            raise StoreValueError(f"day must be a date, got {day!r}")
+        start = datetime.combine(day, time(0), tzinfo=tz).astimezone(timezone.utc)
+        end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz).astimezone(timezone.utc)
+        ev = attendance_events
+        name = func.coalesce(func.max(people.c.display_name), func.max(ev.c.name)).label("name")
+        query = (
+            select(
+                ev.c.site_id,
+                ev.c.person_id,
+                name,
+                func.min(ev.c.ts).label("first_seen"),
+                func.max(ev.c.ts).label("last_seen"),
+                func.count().label("events"),
+            )
+            .select_from(ev.outerjoin(people, people.c.person_id == ev.c.person_id))
+            .where(ev.c.person_id.is_not(None), ev.c.ts >= start, ev.c.ts < end)
+            .group_by(ev.c.site_id, ev.c.person_id)
+            .order_by(self._bytewise(ev.c.site_id), self._bytewise(ev.c.person_id))
+        )
+        if site_id is not None:
+            query = query.where(ev.c.site_id == site_id)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            DailyAttendance(
+                site_id=row.site_id,
+                person_id=row.person_id,
+                name=row.name,
+                day=day,
+                first_seen=row.first_seen,
+                last_seen=row.last_seen,
+                events=int(row.events),
+            )
+            for row in rows
+        ]
+
+
+__all__ = [
+    "AttendanceEvent",
+    "DailyAttendance",
+    "Device",
+    "DeviceStatus",
+    "GalleryAck",
+    "GalleryVersion",
+    "Person",
+    "Site",
+    "SiteEmbeddings",
+    "Store",
+    "StoredEvent",
+    "Template",
+    "TemplateQuality",
+]
