@@ -1,0 +1,337 @@
+"""enrollment-server: the admin's command line and the server process.
+
+Exit codes: 0 done, 1 done but some photos were rejected (each with its reason), 2 bad usage / invalid input /
+fatal error, 3 the broker could not be reached (the change itself is stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+from enrollment_server.config import ServerConfig, load_config
+from models.errors import FaceAttendError, MqttError
+
+log = logging.getLogger("enrollment-server")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FATAL, EXIT_BROKER = 0, 1, 2, 3
+
+
+def _store(cfg: ServerConfig):
+    from enrollment_server.store import Store
+
+    return Store.open(cfg.database.url, keep_photos=cfg.enrollment.keep_photos)
+
+
+def _enroller(cfg: ServerConfig, store):
+    from enrollment_server.enrollment import Enroller
+    from models.pipeline import FacePipeline, PipelineConfig
+
+    return Enroller(store, FacePipeline.create(PipelineConfig(alignment=cfg.enrollment.alignment)), cfg.enrollment)
+
+
+def signer_for(cfg: ServerConfig, *, create: bool):
+    """The gallery signing key; generated (0600) on first use when `create`."""
+    from models.contract.signing import Signer
+
+    path = cfg.gallery.signing_key
+    if path.is_file():
+        return Signer.load(path)
+    if not create:
+        raise FaceAttendError(f"no signing key at {path}: run `enrollment-server init` first")
+    signer = Signer.generate()
+    signer.save(path)
+    signer.save_public(path.with_suffix(".pub.pem"))
+    log.warning("generated the gallery signing key %s (public key: %s)", path, path.with_suffix(".pub.pem"))
+    return signer
+
+
+def _link(cfg: ServerConfig, client_suffix: str, **options):
+    from models.contract.mqtt_link import MqttConfig, PahoMqttLink
+
+    tls = {
+        k: v
+        for k, v in (("ca_file", cfg.mqtt.ca_file), ("cert_file", cfg.mqtt.cert_file), ("key_file", cfg.mqtt.key_file))
+        if v
+    }
+    return PahoMqttLink(
+        MqttConfig.from_url(cfg.mqtt.url, client_id=f"{cfg.mqtt.client_id}-{client_suffix}", **tls, **options)
+    )
+
+
+def publish_gallery(cfg: ServerConfig, store, site: str, *, timeout: float = 15.0) -> dict:
+    """Publish the site's current gallery once (connect, publish, wait for acks, disconnect)."""
+    from enrollment_server.gallery_publisher import GalleryPublisher
+    from models.fingerprint import encoder_fingerprint
+
+    link = _link(cfg, f"publish-{os.getpid()}")
+    link.start()
+    try:
+        if not link.wait_connected(timeout):
+            raise MqttError(f"broker {cfg.mqtt.url} not reachable within {timeout:.0f} s")
+        publisher = GalleryPublisher(
+            store,
+            link,
+            signer_for(cfg, create=True),
+            encoder_fingerprint(alignment=cfg.enrollment.alignment).value,
+            dtype=cfg.gallery.dtype,
+            chunk_size=cfg.gallery.chunk_kib * 1024,
+        )
+        published = publisher.publish(site)
+    finally:
+        link.stop()
+    return {"site": site, "version": published.version, "templates": published.count, "people": published.people}
+
+
+def _after_change(args: argparse.Namespace, cfg: ServerConfig, store, site: str) -> int:
+    if args.no_publish:
+        print("gallery not published (--no-publish): run `enrollment-server publish` or let the server do it")
+        return EXIT_OK
+    try:
+        print(json.dumps({"gallery": publish_gallery(cfg, store, site)}))
+    except MqttError as exc:
+        print(f"enrollment-server: stored, but the gallery was not published: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    return EXIT_OK
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    store = _store(cfg)
+    store.ensure_site(args.site or cfg.site)
+    signer = signer_for(cfg, create=True)
+    print(
+        json.dumps(
+            {
+                "database": cfg.database.url,
+                "schema_version": store.schema_version,
+                "signing_key": str(cfg.gallery.signing_key),
+                "public_key_b64": signer.verifier.public_b64,
+                "key_id": signer.verifier.key_id,
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_enroll(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    site = args.site or cfg.site
+    photos = []
+    for p in map(Path, args.photos):
+        try:
+            photos.append((str(p), p.read_bytes()))
+        except OSError as exc:
+            photos.append((str(p), b""))
+            log.warning("%s: cannot read (%s)", p, exc)
+    store = _store(cfg)
+    report = _enroller(cfg, store).enroll(
+        args.person_id, args.name, site, photos, allow_duplicate_identity=args.allow_duplicate_identity
+    )
+    print(json.dumps(report.to_json()))
+    code = EXIT_OK if report.added == len(photos) else EXIT_PARTIAL
+    if report.added:
+        code = max(code, _after_change(args, cfg, store, site))
+    return code if report.added else EXIT_FATAL
+
+
+def cmd_import(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from tqdm import tqdm
+
+    from enrollment_server.enrollment import import_folder, person_folders
+
+    site = args.site or cfg.site
+    root = Path(args.folder)
+    total = sum(len(photos) for _, photos in person_folders(root))
+    store = _store(cfg)
+    enroller = _enroller(cfg, store)
+    with tqdm(total=total, unit="photo", desc="import", file=sys.stderr, disable=args.quiet) as bar:
+        reports = import_folder(
+            enroller, root, site, allow_duplicate_identity=args.allow_duplicate_identity, progress=bar.update
+        )
+    rejected = 0
+    for report in reports:
+        for r in report.results:
+            rejected += not r.accepted
+            print(json.dumps({"person_id": report.person_id} | r.to_json()))
+    added = sum(r.added for r in reports)
+    print(
+        json.dumps(
+            {
+                "summary": {
+                    "people": len(reports),
+                    "photos": total,
+                    "added": added,
+                    "rejected": rejected,
+                    "people_created": sum(r.person_created for r in reports),
+                }
+            }
+        )
+    )
+    code = EXIT_PARTIAL if rejected else EXIT_OK
+    if added:
+        code = max(code, _after_change(args, cfg, store, site))
+    return code
+
+
+def cmd_remove(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    store = _store(cfg)
+    site = store.get_person(args.person_id).site_id
+    removed = store.remove_person(args.person_id)
+    print(json.dumps({"removed": args.person_id, "templates": removed}))
+    return _after_change(args, cfg, store, site)
+
+
+def cmd_rename(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    person = _store(cfg).rename_person(args.person_id, args.name)
+    print(json.dumps({"person_id": person.person_id, "name": person.display_name}))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    store = _store(cfg)
+    site = args.site or cfg.site
+    for person in store.list_people(site):
+        templates = store.count_templates(person_id=person.person_id)
+        print(
+            json.dumps(
+                {
+                    "person_id": person.person_id,
+                    "name": person.display_name,
+                    "site": site,
+                    "active": person.active,
+                    "templates": templates,
+                }
+            )
+        )
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    args.no_publish = False
+    return _after_change(args, cfg, _store(cfg), args.site or cfg.site)
+
+
+def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    devices = _store(cfg).list_devices(args.site)
+    rows = [
+        {
+            "device": d.device_id,
+            "site": d.site_id,
+            "state": d.state,
+            "agent": d.agent_version,
+            "gallery": d.gallery_version,
+            "latest": d.latest_site_version,
+            "lag": d.lag,
+            "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+        }
+        for d in devices
+    ]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    print(f"{'device':<24}{'site':<12}{'state':<10}{'gallery':>8}{'latest':>8}{'lag':>5}  last seen")
+    for r in rows:
+        flag = "  <- behind" if r["lag"] else ""
+        gallery, latest, seen = r["gallery"] or "-", r["latest"] or "-", r["last_seen"] or "-"
+        print(f"{r['device']:<24}{r['site']:<12}{r['state']:<10}{gallery:>8}{latest:>8}{r['lag']:>5}  {seen}{flag}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from enrollment_server.reports import to_csv, to_json
+
+    try:
+        day = date.fromisoformat(args.date)
+    except ValueError as exc:
+        raise FaceAttendError(f"--date {args.date!r}: expected YYYY-MM-DD") from exc
+    rows = _store(cfg).daily_report(args.site, day)
+    text = to_csv(rows) if args.format == "csv" else to_json(rows)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"{len(rows)} rows written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from enrollment_server.service import run_server
+
+    return run_server(cfg)
+
+
+# ---- parsing --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enrollment-server", description="faceattend enrollment server")
+    parser.add_argument("-c", "--config", help="YAML configuration (default: embedded defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str, *, site: bool = True, publishes: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        if site:
+            p.add_argument("--site", help="site id (default: the config's site)")
+        if publishes:
+            p.add_argument("--no-publish", action="store_true", help="store only; publish the gallery later")
+        return p
+
+    add("init", cmd_init, "create the database and the gallery signing key; print the public key for edges")
+    p = add("enroll", cmd_enroll, "enroll one person from photos", publishes=True)
+    p.add_argument("--person-id", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("photos", nargs="+")
+    p.add_argument("--allow-duplicate-identity", action="store_true", help="enroll even if the face matches someone")
+    p = add("import", cmd_import, "enroll a folder with one sub-folder of photos per person", publishes=True)
+    p.add_argument("folder")
+    p.add_argument("--allow-duplicate-identity", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add("remove", cmd_remove, "remove a person and their templates (edges forget them)", site=False, publishes=True)
+    p.add_argument("person_id")
+    p = add("rename", cmd_rename, "change a person's display name", site=False)
+    p.add_argument("person_id")
+    p.add_argument("name")
+    add("list", cmd_list, "people of a site")
+    add("publish", cmd_publish, "publish the site's gallery now")
+    p = add("devices", cmd_devices, "edge devices: online state, applied gallery version, lag")
+    p.add_argument("--json", action="store_true")
+    p = add("report", cmd_report, "first / last seen per person and day")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD (UTC day)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    add("serve", cmd_serve, "run the server: MQTT ingest, gallery publication, admin API", site=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args, load_config(args.config))
+    except MqttError as exc:
+        print(f"enrollment-server: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    except FaceAttendError as exc:
+        print(f"enrollment-server: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
