@@ -93,3 +93,7 @@ class FingerprintMismatchError(ContractError):
 
 class MqttError(FaceAttendError):
     """The MQTT link was misconfigured or misused (bad URL, bad topic, publish after stop)."""
+
+
+class PublishTimeoutError(MqttError):
+    """The broker did not acknowledge a publication within the allowed time (broker down or overloaded)."""

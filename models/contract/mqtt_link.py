@@ -170,6 +170,11 @@ class PublishHandle:
         return self._done.is_set() and not self._failed
 
     @property
+    def failed(self) -> bool:
+        """Resolved without an acknowledgement (link stopped, QoS 0 while disconnected): waiting longer is useless."""
+        return self._done.is_set() and self._failed
+
+    @property
     def rejected(self) -> bool:
         """MQTT 5 only: the broker acknowledged but refused the message (e.g. not authorised); do not retry."""
         return self.reason_code is not None and self.reason_code >= 0x80

@@ -1,8 +1,11 @@
-"""A real Mosquitto broker for integration tests, on a free local port, restartable on the same port.
+"""Integration fixtures: a real Mosquitto broker and real databases.
 
-The broker binary is taken from $FACEATTEND_MOSQUITTO, then PATH, then /usr/sbin/mosquitto; tests that need it
-are skipped with a reason when there is none (CI installs the `mosquitto` package). Its log is attached to the
-report of a failing test.
+Broker: on a free local port, restartable on the same port. The broker binary is taken from $FACEATTEND_MOSQUITTO,
+then PATH, then /usr/sbin/mosquitto; tests that need it are skipped with a reason when there is none (CI installs
+the `mosquitto` package). Its log is attached to the report of a failing test.
+
+Databases: `db` (a `storedb.Db`) and `store` (an open `Store` on it) run each test on SQLite and on PostgreSQL;
+`pg_database` is the session's PostgreSQL database (skipped when unreachable). See tests/integration/storedb.py.
 """
 
 from __future__ import annotations
@@ -14,11 +17,19 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
+from storedb import PG_ADMIN_URL, Db, pg_unreachable
+
+from enrollment_server.store import Store
+from models.contract.mqtt_link import MqttConfig, PahoMqttLink, Will
 
 BROKER_START_TIMEOUT_S = 10.0
 # a 1 MiB gallery chunk plus topic and header; Mosquitto's default limit is far larger, but a deployment sets one
@@ -43,9 +54,9 @@ def free_port() -> int:
 
 class MosquittoBroker:
     """One broker process: `start()`, `stop()` (SIGTERM: persistence is saved), `kill()` (SIGKILL), `start()`
-    again on the same port with the same persistence directory."""
+    again on the same port with the same persistence directory. `extra_config`: more mosquitto.conf lines."""
 
-    def __init__(self, workdir: Path, binary: str, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, binary: str, port: int | None = None, extra_config: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.binary = binary
         self.port = port or free_port()
@@ -67,6 +78,7 @@ class MosquittoBroker:
             # run as root (containers), mosquitto would drop to user "mosquitto", who cannot write workdir;
             # as any other user this line has no effect
             f"user {getpass.getuser()}",
+            *extra_config,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
@@ -139,6 +151,33 @@ def _broker(tmp: Path) -> Iterator[MosquittoBroker]:
         broker.stop()
 
 
+class BrokerFactory:
+    """`make_broker(*extra_config)`: a started broker with more mosquitto.conf lines (a deployment setting the
+    test depends on); every broker made is stopped at the end of the test."""
+
+    def __init__(self, root: Path, binary: str) -> None:
+        self.root = root
+        self.binary = binary
+        self.made: list[MosquittoBroker] = []
+
+    def __call__(self, *extra_config: str) -> MosquittoBroker:
+        broker = MosquittoBroker(self.root / f"mosquitto-{len(self.made)}", self.binary, extra_config=extra_config)
+        self.made.append(broker)
+        broker.start()
+        return broker
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("needs a mosquitto binary (apt install mosquitto, or set FACEATTEND_MOSQUITTO)")
+    factory = BrokerFactory(tmp_path, binary)
+    yield factory
+    for broker in factory.made:
+        broker.stop()
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A fresh broker per test (empty retained store): the one to restart or kill."""
@@ -151,11 +190,103 @@ def mosquitto_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosqu
     yield from _broker(tmp_path_factory.mktemp("broker"))
 
 
+# --- MQTT links ---------------------------------------------------------------------------------------------------
+
+# paho retries every 1, 2, 2, ... s with these settings: a restarted broker is found again within ~2 s
+FAST_RECONNECT = {"reconnect_min_delay": 1, "reconnect_max_delay": 2, "keepalive": 5}
+CONNECT_TIMEOUT_S = 10.0
+
+
+class LinkFactory:
+    """`mqtt_links(broker, **MqttConfig options)`: a started PahoMqttLink, connected unless `wait=False`; every
+    link made is stopped at the end of the test. `mqtt_links.make(...)`: built, not started."""
+
+    def __init__(self) -> None:
+        self.made: list[PahoMqttLink] = []
+
+    def make(self, config: MqttConfig, *, will: Will | None = None) -> PahoMqttLink:
+        link = PahoMqttLink(config, will=will)
+        self.made.append(link)
+        return link
+
+    def __call__(
+        self, broker: MosquittoBroker, *, will: Will | None = None, wait: bool = True, **options: object
+    ) -> PahoMqttLink:
+        link = self.make(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}), will=will)
+        link.start()
+        if wait and not link.wait_connected(CONNECT_TIMEOUT_S):
+            raise AssertionError(f"link did not connect to {broker.url}")
+        return link
+
+
+@pytest.fixture
+def mqtt_links() -> Iterator[LinkFactory]:
+    factory = LinkFactory()
+    yield factory
+    for link in reversed(factory.made):
+        link.stop()
+
+
+# --- databases --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[URL]:
+    admin_url = make_url(PG_ADMIN_URL)
+    reason = pg_unreachable(admin_url)
+    if reason:
+        pytest.skip(reason)
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"faceattend_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"cannot create a test database on {admin_url.render_as_string()}: {exc}")
+    try:
+        yield admin_url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        yield Db(url=str(tmp_path / "faceattend.db"), backend="sqlite")
+        return
+    base: URL = request.getfixturevalue("pg_database")
+    schema_name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema_name}")
+    url = base.update_query_dict({"options": f"-csearch_path={schema_name}"})
+    try:
+        yield Db(url=url.render_as_string(hide_password=False), backend="postgresql")
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema_name} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture
+def store(db: Db) -> Iterator[Store]:
+    s = Store.open(db.url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
     if report.failed:
         for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, MosquittoBroker):
-                report.sections.append((f"mosquitto log (port {value.port})", value.log_text()[-20000:]))
+            brokers = value.made if isinstance(value, BrokerFactory) else [value]
+            for broker in brokers:
+                if isinstance(broker, MosquittoBroker):
+                    report.sections.append((f"mosquitto log (port {broker.port})", broker.log_text()[-20000:]))

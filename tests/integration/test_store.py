@@ -1,30 +1,25 @@
 """enrollment_server.store against real databases: every test runs on SQLite (a temp file) and on PostgreSQL.
 
-PostgreSQL: a uniquely named database is created through the `postgres` maintenance database for the test session
-and dropped at its end; each test gets its own schema in it (search_path), so tests start from an empty database.
-Set FACEATTEND_TEST_PG to another maintenance URL; the postgresql cases are skipped when the server is unreachable.
+The `db` and `store` fixtures live in tests/integration/conftest.py (see tests/integration/storedb.py for how the
+PostgreSQL cases get their own database and schema, and when they are skipped).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, create_engine, func, inspect, select
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, inspect, select
+from storedb import Db
 
 from enrollment_server import schema
 from enrollment_server.store import (
@@ -35,82 +30,8 @@ from enrollment_server.store import (
 )
 from models.errors import ConflictError, DatabaseVersionError, NotFoundError, StoreError, StoreValueError
 
-PG_ADMIN_URL = os.environ.get("FACEATTEND_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 FP = "dlib-resnet-v1:test"
 UTC = timezone.utc
-
-
-# --- fixtures ---------------------------------------------------------------------------------------------------
-
-
-def _pg_unreachable(url: URL) -> str | None:
-    """Why PostgreSQL cannot be used (None when it can): a TCP probe first, so the skip reason is plain."""
-    host, port = url.host or "127.0.0.1", url.port or 5432
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError as exc:
-        return f"PostgreSQL not reachable at {host}:{port} ({exc})"
-    return None
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[URL]:
-    admin_url = make_url(PG_ADMIN_URL)
-    reason = _pg_unreachable(admin_url)
-    if reason:
-        pytest.skip(reason)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    name = f"faceattend_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"cannot create a test database on {admin_url.render_as_string()}: {exc}")
-    try:
-        yield admin_url.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-@dataclass(frozen=True)
-class Db:
-    url: str  # what Store.open gets: a file path for SQLite, a URL for PostgreSQL
-    backend: str
-
-    def engine(self) -> Engine:
-        """A plain engine on the same database, for what the Store API deliberately does not offer."""
-        return create_engine(self.url if "://" in self.url else f"sqlite:///{self.url}")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "sqlite":
-        yield Db(url=str(tmp_path / "faceattend.db"), backend="sqlite")
-        return
-    base: URL = request.getfixturevalue("pg_database")
-    schema_name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema_name}")
-    url = base.update_query_dict({"options": f"-csearch_path={schema_name}"})
-    try:
-        yield Db(url=url.render_as_string(hide_password=False), backend="postgresql")
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema_name} CASCADE")
-        admin.dispose()
-
-
-@pytest.fixture
-def store(db: Db) -> Iterator[Store]:
-    s = Store.open(db.url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _emb(seed: int, dim: int = 128) -> np.ndarray:
