@@ -112,9 +112,9 @@ def cmd_init(args: argparse.Namespace, cfg: ServerConfig) -> int:
         json.dumps(
             {
                 "database": cfg.database.url,
-                "schema_version": store.schema_version,
+                "schema_version": store.schema_version(),
                 "signing_key": str(cfg.gallery.signing_key),
-                "public_key_b64": signer.verifier.public_b64,
+                "public_key_b64": signer.verifier.public_b64(),
                 "key_id": signer.verifier.key_id,
             }
         )

@@ -1,0 +1,603 @@
+"""MQTT ingest: every edge's attendance events, statuses and gallery acknowledgements into the store.
+
+Flow. `Ingest.start()` subscribes (QoS 1) to the contract's server filters through the link, which remembers them
+and re-subscribes after every reconnect. Handlers run on paho's network thread, so they only put the raw message
+on a bounded queue; one worker thread decodes, validates and writes. Events are stored with
+`Store.insert_events` in batches of whatever has queued up since the last commit (up to `batch_size`): under
+light load each event is committed at once, under heavy load one commit carries many, which is what keeps SQLite
+(one fsync per commit) and PostgreSQL ahead of the edges.
+
+Validation, per message (any failure is a *rejection*: logged with topic and reason, counted in
+`IngestStats.rejected[reason]`, never stored, and the process carries on):
+
+- `oversized`: over the contract's limit for its kind (checked before anything is parsed);
+- `not_utf8`, `malformed` (not JSON, not an object, duplicate keys, NaN, bad `schema_version` spelling),
+  `wrong_schema` (another `schema` name), `unknown_major` (a schema major this reader does not know),
+  `invalid_field` (missing, mistyped or out-of-range field): the contract codec decides, the reason is only
+  recovered from which check failed;
+- `device_mismatch`: the payload's `device_id` differs from the device id in the topic. With per-device broker
+  ACLs the topic is what the broker authenticated; a payload claiming another device is a misconfigured or
+  hostile edge and must not be credited to that device;
+- `bad_topic`: the device level of the topic is not a valid id; `empty`: a zero-length payload (someone clearing
+  a retained status);
+- `store_refused`: the database refuses the row itself while it accepts other work (see below).
+
+Events are de-duplicated by the store on `event_id` (QoS 1 is at-least-once; edges also re-send from their
+outbox): a redelivery is counted in `duplicates` and increments the stored row's `duplicates`, nothing else.
+Statuses go to `Store.upsert_device_status`, acknowledgements to `Store.record_ack`.
+
+Nothing is dropped silently. Every message taken off the wire ends up in exactly one counter, so once the queue
+is idle: received == stored + duplicates + statuses + stale_statuses + acks + sum(rejected) + abandoned.
+
+Backpressure instead of loss. paho sends the PUBACK of a QoS 1 message only when our handler returns. When the
+queue is full the handler blocks until the worker makes room: PUBACKs stop, the broker stops sending once its
+in-flight window for this client is full (Mosquitto `max_inflight_messages`, 20) and queues the rest for us.
+The queue (4096 messages by default, about 4 s of 50 edges x 20 events/s) is there to absorb commit jitter, not
+outages. While the handler blocks, paho also sends no keep-alive: a store stalled for longer than 1.5 keep-alives
+gets the connection dropped by the broker, whose unacknowledged messages are then redelivered on reconnect
+(persistent session, below), which is still no loss.
+
+Database failures. A write that fails with the database unreachable (probe: `Store.schema_version()` fails too)
+is retried with back-off until it succeeds: the events wait in memory, the queue fills, backpressure as above.
+A write that fails three times while the database answers the probe is refused by the data itself: a batch is
+then retried one event at a time and only the refused events are rejected (`store_refused`).
+
+Persistent session (deployment). The ingest link must use `clean_session=False` with a stable client id
+(`ingest_config`), so the broker keeps the subscription and queues QoS 1 events while the server is down or
+restarting. Mosquitto bounds that queue per client with `max_queued_messages`, default 1000, and beyond it drops
+messages the edges already consider delivered (their outbox forgets an event on PUBACK from the broker). 1000
+is 1 s of 50 edges at 20 events/s: a deployment must raise it (and `max_queued_bytes`) to cover the longest
+server outage it wants to survive, e.g. `max_queued_messages 1000000` for ~15 minutes at full rate. `stop()`
+never unsubscribes, for the same reason: the session's subscription is what queues events while we are away.
+
+Known window. The broker gets the PUBACK when the event is in our queue, not when it is committed: a crash of
+this process (kill -9, power loss) loses what was queued and uncommitted at that moment (usually one batch,
+milliseconds of traffic). Closing it needs acknowledging after the commit (paho's manual_ack, which `MqttLink`
+does not expose yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from enrollment_server import store as st
+from models.contract import timestamps, topics
+from models.contract.codec import Message, decode_object, from_object
+from models.contract.events import AttendanceEvent
+from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink
+from models.contract.status import EdgeStatus, GalleryAck
+from models.contract.topics import TopicKind
+from models.errors import ConfigError, PayloadError, SchemaVersionError, StoreError, StoreValueError, TopicError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_QUEUE_SIZE = 4096
+DEFAULT_BATCH_SIZE = 500
+REFUSALS_BEFORE_REJECT = 3  # failures of one write while the database answers: the data, not the database
+MAX_RETRY_DELAY_S = 5.0
+# rejections: every one is logged until a reason has this many, then one line per LOG_EVERY, so that a broken or
+# hostile edge cannot flood the log at its publish rate (the counters keep the exact figures)
+LOG_ALL_UP_TO = 100
+LOG_EVERY = 1000
+FULL_LOG_EVERY_S = 10.0
+
+_KINDS: dict[TopicKind, type[Message]] = {
+    TopicKind.EDGE_EVENTS: AttendanceEvent,
+    TopicKind.EDGE_STATUS: EdgeStatus,
+    TopicKind.GALLERY_ACK: GalleryAck,
+}
+_FILTERS = {
+    TopicKind.EDGE_EVENTS: topics.ALL_EDGE_EVENTS,
+    TopicKind.EDGE_STATUS: topics.ALL_EDGE_STATUS,
+    TopicKind.GALLERY_ACK: topics.ALL_GALLERY_ACKS,
+}
+
+
+def ingest_config(url: str, client_id: str, **options: Any) -> MqttConfig:
+    """The ingest link's MQTT settings: a persistent session under a stable client id (see the module docstring)."""
+    if not client_id:
+        raise ConfigError("the ingest link needs a stable client_id: its persistent session is found by it")
+    return MqttConfig.from_url(url, client_id=client_id, **{**options, "clean_session": False})
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """A snapshot of the ingest's counters (all since start)."""
+
+    received: int  # messages taken off the wire: events, statuses, acks
+    stored: int  # events stored (first delivery of an event_id)
+    duplicates: int  # event redeliveries (event_id already stored)
+    statuses: int  # statuses applied to the device table
+    stale_statuses: int  # statuses older than the stored one (retained replays, reordering): ignored
+    acks: int  # gallery acknowledgements recorded
+    rejected: Mapping[str, int]  # reason -> count, see the module docstring
+    abandoned: int  # taken off the wire, then never stored because stop() ran out of time (logged as errors)
+    queue_depth: int  # messages waiting now
+    max_queue_depth: int
+    backpressure_waits: int  # times the network thread had to wait for room in the queue
+    store_retries: int  # failed writes retried
+    batches: int  # event commits
+    max_lag_s: float | None  # largest (commit time - event ts) of a stored event; includes edge clock skew
+    mean_lag_s: float | None
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def accounted(self) -> int:
+        """Messages that reached a final counter; equals `received` whenever the ingest is idle."""
+        return (
+            self.stored
+            + self.duplicates
+            + self.statuses
+            + self.stale_statuses
+            + self.acks
+            + self.rejected_total
+            + self.abandoned
+        )
+
+
+@dataclass(frozen=True)
+class _Item:
+    kind: TopicKind
+    topic: str
+    payload: bytes
+    received: float  # time.time() when the handler ran
+
+
+@dataclass(frozen=True)
+class _Event:
+    topic: str
+    record: st.AttendanceEvent
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class _Abandoned(Exception):
+    """stop() ran out of time while the database was unreachable."""
+
+
+class Ingest:
+    def __init__(
+        self,
+        store: st.Store,
+        link: MqttLink,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise ConfigError("ingest queue_size and batch_size must be >= 1")
+        self._store = store
+        self._link = link
+        self._batch_size = batch_size
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stop_deadline = float("inf")
+        # counters: written by both threads, read by stats()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._outstanding = 0  # taken off the wire, not yet in a final counter
+        self._settled = 0  # reached a final counter (lets the worker tell how much of a group is done)
+        self._closed = False  # the worker has ended: nothing may be queued any more
+        self._last_full_log = -FULL_LOG_EVERY_S
+        self._counts: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._max_depth = 0
+        self._lag_max: float | None = None
+        self._lag_sum = 0.0
+        self._lag_n = 0
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start the worker and subscribe; call before or after the link's start()."""
+        if self._worker is not None:
+            raise ConfigError("ingest already started")
+        self._worker = threading.Thread(target=self._run, name="faceattend-ingest", daemon=True)
+        self._worker.start()
+        for kind, topic_filter in _FILTERS.items():
+            self._link.subscribe(topic_filter, 1, self._handler(kind))
+        log.info("ingest: subscribed to %s", ", ".join(_FILTERS.values()))
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Store what is queued (for at most `timeout` s), then end the worker.
+
+        Shutdown order: `link.stop()`, then `ingest.stop()`. A link still running keeps delivering, and what
+        arrives once the worker has ended is acknowledged unstored (logged as abandoned). Note that while the
+        queue is full the handler holds paho's network thread, so `link.stop()` itself waits until the worker
+        makes room, i.e. until the database accepts writes again.
+
+        Does not unsubscribe: the persistent session's subscription is what keeps events queued at the broker
+        while the server is down. Returns False when messages had to be abandoned (each logged as an error).
+        """
+        worker = self._worker
+        if worker is None:
+            return True
+        self._stop_deadline = time.monotonic() + timeout
+        self._stopping.set()
+        worker.join(timeout + 5.0)
+        with self._lock:
+            abandoned = self._counts["abandoned"]
+        if worker.is_alive():
+            log.error("ingest: worker did not finish within %.0f s", timeout)
+            return False
+        return abandoned == 0
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once every message received so far reached a final counter (stored, duplicate, rejected ...)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._outstanding:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def stats(self) -> IngestStats:
+        with self._lock:
+            c = self._counts
+            return IngestStats(
+                received=c["received"],
+                stored=c["stored"],
+                duplicates=c["duplicates"],
+                statuses=c["statuses"],
+                stale_statuses=c["stale_statuses"],
+                acks=c["acks"],
+                rejected=MappingProxyType(dict(self._rejected)),
+                abandoned=c["abandoned"],
+                queue_depth=self._queue.qsize(),
+                max_queue_depth=self._max_depth,
+                backpressure_waits=c["backpressure_waits"],
+                store_retries=c["store_retries"],
+                batches=c["batches"],
+                max_lag_s=self._lag_max,
+                mean_lag_s=self._lag_sum / self._lag_n if self._lag_n else None,
+            )
+
+    # ---- network thread ----
+
+    def _handler(self, kind: TopicKind) -> Callable[[InboundMessage], None]:
+        def handle(msg: InboundMessage) -> None:
+            self._enqueue(_Item(kind, msg.topic, msg.payload, time.time()))
+
+        return handle
+
+    def _enqueue(self, item: _Item) -> None:
+        with self._lock:
+            self._counts["received"] += 1
+            self._outstanding += 1
+        waited = False
+        while True:
+            # put_nowait under the lock the worker takes to close: an item is either queued before the worker's
+            # final drain or sees the ingest closed, never stranded in a queue nobody reads
+            with self._lock:
+                if not self._closed:
+                    try:
+                        self._queue.put_nowait(item)
+                    except queue.Full:
+                        pass
+                    else:
+                        self._max_depth = max(self._max_depth, self._queue.qsize())
+                        return
+            if self._closed:
+                # stop() was called with the link still running: returning lets paho acknowledge the message,
+                # so say loudly that it is lost
+                self._finish_abandoned(1, f"ingest stopped: message on {item.topic} not stored")
+                return
+            if not waited:
+                # Waiting here is the backpressure: paho sends this message's PUBACK only when we return.
+                waited = True
+                now = time.monotonic()
+                with self._lock:
+                    self._counts["backpressure_waits"] += 1
+                    loud, self._last_full_log = now - self._last_full_log >= FULL_LOG_EVERY_S, now
+                if loud:  # once per stall, not once per message held
+                    log.warning(
+                        "ingest: queue full (%d messages); holding PUBACKs until the store catches up",
+                        self._queue.maxsize,
+                    )
+            time.sleep(0.005)
+
+    # ---- worker thread ----
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._lock:
+                self._closed = True
+                rest = self._drain()
+            self._finish_abandoned(len(rest), "ingest stopped before storing them")
+
+    def _loop(self) -> None:
+        while True:
+            if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                return  # out of time (messages still arriving, or the database down): _run abandons the rest
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            items = [first]
+            # group commit: everything already waiting, without waiting for more
+            while len(items) < self._batch_size:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                before = self._settled
+            try:
+                self._process(items)
+            except _Abandoned:
+                with self._lock:
+                    unsettled = len(items) - (self._settled - before)
+                self._finish_abandoned(unsettled, "ingest stopped with the database unreachable")
+                return
+            except Exception:
+                # a bug of ours must not end ingestion: count what is left of the group, keep the worker alive
+                log.exception("ingest: unexpected error on a group of %d messages", len(items))
+                with self._idle:
+                    unsettled = len(items) - (self._settled - before)
+                    self._rejected["internal_error"] += unsettled
+                    self._settle(unsettled)
+
+    def _drain(self) -> list[_Item]:
+        rest = []
+        while True:
+            try:
+                rest.append(self._queue.get_nowait())
+            except queue.Empty:
+                return rest
+
+    def _process(self, items: list[_Item]) -> None:
+        events: list[_Event] = []
+        others: list[tuple[_Item, Message]] = []
+        for item in items:
+            try:
+                message = self._decode(item)
+            except _Rejected as rejected:
+                self._reject(item.topic, rejected.reason, str(rejected))
+                continue
+            if isinstance(message, AttendanceEvent):
+                events.append(_Event(item.topic, _event_record(message)))
+            else:
+                others.append((item, message))
+        if events:
+            self._store_events(events)
+        for item, message in others:
+            if isinstance(message, EdgeStatus):
+                self._apply_status(item, message)
+            elif isinstance(message, GalleryAck):
+                self._apply_ack(item, message)
+
+    # ---- decoding ----
+
+    def _decode(self, item: _Item) -> Message:
+        try:
+            parsed = topics.parse_topic(item.topic)
+        except TopicError as exc:
+            raise _Rejected("bad_topic", str(exc)) from None
+        cls = _KINDS[item.kind]
+        payload = item.payload
+        if not payload:
+            raise _Rejected("empty", "zero-length payload (a cleared retained message)")
+        if len(payload) > cls.MAX_BYTES:
+            raise _Rejected("oversized", f"{len(payload)} bytes, the limit is {cls.MAX_BYTES}")
+        try:
+            obj = decode_object(payload, cls.SCHEMA, cls.MAX_BYTES)
+        except SchemaVersionError as exc:
+            raise _Rejected("unknown_major", str(exc)) from None
+        except PayloadError as exc:
+            raise _Rejected(_envelope_reason(payload, cls.SCHEMA), str(exc)) from None
+        try:
+            message = from_object(cls, obj)
+        except PayloadError as exc:
+            raise _Rejected("invalid_field", str(exc)) from None
+        device = getattr(message, "device_id", None)
+        if device != parsed.device:
+            raise _Rejected("device_mismatch", f"payload device_id {device!r} published on device {parsed.device!r}")
+        return message
+
+    # ---- writing ----
+
+    def _store_events(self, events: list[_Event]) -> None:
+        records = [e.record for e in events]
+        result = self._write(lambda: self._store.insert_events(records), f"{len(records)} events")
+        if isinstance(result, _Refusal):
+            if len(events) == 1:
+                self._reject(events[0].topic, "store_refused", str(result.error))
+                return
+            # one bad row fails the whole batch: find it by storing one at a time
+            log.warning("ingest: a batch of %d events was refused (%s); storing one by one", len(events), result.error)
+            for event in events:
+                self._store_events([event])
+            return
+        committed = time.time()
+        new = sum(result)
+        lags = [committed - r.ts.timestamp() for r, is_new in zip(records, result, strict=True) if is_new]
+        with self._idle:
+            self._counts["stored"] += new
+            self._counts["duplicates"] += len(result) - new
+            self._counts["batches"] += 1
+            if lags:
+                top = max(lags)
+                self._lag_max = top if self._lag_max is None else max(self._lag_max, top)
+                self._lag_sum += sum(lags)
+                self._lag_n += len(lags)
+            self._settle(len(result))
+
+    def _apply_status(self, item: _Item, status: EdgeStatus) -> None:
+        received = datetime.fromtimestamp(item.received, timezone.utc)
+        # The offline status is the last will, encoded when the edge connected, so its own ts is older than the
+        # edge's "online" and the store would discard it as stale. Its real moment is when the broker sent it:
+        # our receive time. (An edge whose clock is behind ours by more than an outage then has its next
+        # "online" ignored until a later status overtakes it; keep edge clocks on NTP.)
+        offline = status.state == "offline"
+        record = st.DeviceStatus(
+            device_id=status.device_id,
+            site_id=status.site,
+            state=status.state,
+            status_ts=received if offline else timestamps.parse_utc(status.ts),
+            agent_version=status.agent_version,
+            gallery_version=status.gallery_version,
+            fingerprint=status.fingerprint,
+            health=status.to_object()["health"],  # plain nested dicts (the message holds read-only views)
+        )
+
+        def write() -> bool:
+            return self._store.upsert_device_status(self._keep_newer(record) if offline else record, received=received)
+
+        result = self._write(write, "a status")
+        if isinstance(result, _Refusal):
+            self._reject(item.topic, "store_refused", str(result.error))
+            return
+        with self._idle:
+            self._counts["statuses" if result else "stale_statuses"] += 1
+            self._settle(1)
+
+    def _keep_newer(self, will: st.DeviceStatus) -> st.DeviceStatus:
+        """The last will's figures are those of the moment the edge connected; what the server learnt since (a
+        gallery applied, fresher health) is newer, so an offline status only changes the state."""
+        known = next((d for d in self._store.list_devices(will.site_id) if d.device_id == will.device_id), None)
+        if known is None:
+            return will
+        return dataclasses.replace(
+            will,
+            gallery_version=known.gallery_version if known.gallery_version is not None else will.gallery_version,
+            agent_version=known.agent_version or will.agent_version,
+            health=known.health() if known.health_json is not None else will.health,
+        )
+
+    def _apply_ack(self, item: _Item, ack: GalleryAck) -> None:
+        received = datetime.fromtimestamp(item.received, timezone.utc)
+        result = self._write(
+            lambda: self._store.record_ack(
+                ack.device_id, ack.site, ack.version, ok=ack.status == "ok", error=ack.error, received=received
+            ),
+            "a gallery ack",
+        )
+        if isinstance(result, _Refusal):
+            self._reject(item.topic, "store_refused", str(result.error))
+            return
+        with self._idle:
+            self._counts["acks"] += 1
+            self._settle(1)
+
+    def _write(self, op: Callable[[], T], what: str) -> T | _Refusal:
+        """Run one store write: retried while the database is unreachable, a _Refusal when the data is refused."""
+        delay = 0.1
+        refusals = 0
+        while True:
+            try:
+                return op()
+            except StoreValueError as exc:
+                return _Refusal(exc)  # our own validation: retrying gives the same answer
+            except StoreError as exc:
+                if self._database_answers():
+                    refusals += 1
+                    if refusals >= REFUSALS_BEFORE_REJECT:
+                        return _Refusal(exc)
+                with self._lock:
+                    self._counts["store_retries"] += 1
+                if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                    raise _Abandoned from exc
+                log.warning("ingest: storing %s failed (%s); retrying in %.1f s", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+    def _database_answers(self) -> bool:
+        try:
+            self._store.schema_version()
+        except StoreError:
+            return False
+        return True
+
+    # ---- accounting ----
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        with self._idle:
+            self._rejected[reason] += 1
+            n = self._rejected[reason]
+            self._settle(1)
+        if n <= LOG_ALL_UP_TO or n % LOG_EVERY == 0:
+            log.warning("ingest: rejected message on %s: %s: %s (%d rejected for %s)", topic, reason, detail, n, reason)
+
+    def _finish_abandoned(self, n: int, why: str) -> None:
+        if n <= 0:
+            return
+        with self._idle:
+            self._counts["abandoned"] += n
+            self._settle(n)
+        log.error("ingest: %d message(s) abandoned: %s", n, why)
+
+    def _settle(self, n: int) -> None:
+        # caller holds self._idle (self._lock)
+        self._outstanding -= n
+        self._settled += n
+        if self._outstanding <= 0:
+            self._idle.notify_all()
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    error: StoreError
+
+
+def _envelope_reason(payload: bytes, schema: str) -> str:
+    """Which envelope check failed; only run on the failure path, so the happy path parses once."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not_utf8"
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return "malformed"
+    if not isinstance(obj, dict):
+        return "malformed"
+    if obj.get("schema") != schema:
+        return "wrong_schema"
+    return "malformed"  # duplicate keys, NaN, a schema_version that is not "MAJOR.MINOR"
+
+
+def _event_record(event: AttendanceEvent) -> st.AttendanceEvent:
+    return st.AttendanceEvent(
+        event_id=event.event_id,
+        seq=event.seq,
+        device_id=event.device_id,
+        site_id=event.site,
+        ts=timestamps.parse_utc(event.ts),
+        camera=event.camera,
+        track_id=event.track_id,
+        person_id=event.person_id,
+        name=event.name,
+        distance=event.distance,
+        margin=event.margin,
+        threshold=event.threshold,
+        gallery_version=event.gallery_version,
+        fingerprint=event.fingerprint,
+        snapshot=event.snapshot,
+    )

@@ -1,0 +1,281 @@
+"""Ingest at the MQTT door: real Mosquitto, real store (SQLite and PostgreSQL through the `store` fixture).
+
+Bad input is rejected and counted while the valid events around it are stored; redeliveries are counted, not
+stored; a full queue holds PUBACKs instead of dropping; a database that fails is retried, a row it refuses is
+rejected alone; events published while the server is away wait in its persistent session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from enrollment_server.ingest import Ingest, IngestStats, ingest_config
+from enrollment_server.store import Store
+from models.contract import topics
+from models.contract.events import AttendanceEvent, new_event
+from models.contract.mqtt_link import MqttLink
+from models.contract.status import EdgeStatus, GalleryAck
+from models.contract.timestamps import utc_now
+from models.errors import StoreError
+
+SITE = "hq"
+FP = "dlib_resnet_v1-0123456789abcdef"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def event(device: str = "door-1", seq: int = 1, person: str | None = "alice") -> AttendanceEvent:
+    return new_event(
+        seq=seq,
+        device_id=device,
+        site=SITE,
+        camera="cam0",
+        track_id=seq,
+        person_id=person,
+        name=person,
+        distance=0.31 if person else None,
+        margin=0.12 if person else None,
+        threshold=0.5,
+        gallery_version=1,
+        fingerprint=FP,
+        snapshot=f"snap/{device}/{seq}.jpg",
+    )
+
+
+def as_object(e: AttendanceEvent, **changes: Any) -> bytes:
+    obj = e.to_object()
+    obj.update(changes)
+    return json.dumps(obj).encode()
+
+
+@pytest.fixture
+def running(store: Store, mosquitto, mqtt_links) -> Iterator[tuple[Ingest, MqttLink]]:
+    """An ingest on its own link, and an edge link to publish with."""
+    ingest = Ingest(store, mqtt_links(mosquitto))
+    ingest.start()
+    time.sleep(0.3)  # SUBACKs
+    yield ingest, mqtt_links(mosquitto)
+    ingest.stop()
+
+
+def publish_all(link: MqttLink, messages: Sequence[tuple[str, bytes]]) -> None:
+    handles = [link.publish(topic, payload, qos=1) for topic, payload in messages]
+    assert all(h.wait(10.0) for h in handles)
+
+
+def settled(ingest: Ingest, received: int, timeout: float = 15.0) -> IngestStats:
+    """Wait until `received` messages came in and every one of them reached a final counter."""
+    assert wait_until(lambda: ingest.stats().received >= received, timeout), ingest.stats()
+    assert ingest.wait_idle(timeout)
+    stats = ingest.stats()
+    assert stats.received == received and stats.accounted == received, stats
+    return stats
+
+
+def stored_ids(store: Store) -> set[str]:
+    return {s.event.event_id for s in store.events()}
+
+
+def test_bad_input_is_rejected_and_counted_while_valid_events_are_stored(store: Store, running, caplog):
+    caplog.set_level(logging.WARNING, logger="enrollment_server.ingest")
+    ingest, edge = running
+    door1 = topics.edge_events("door-1")
+    huge = as_object(event(seq=90), padding="x" * 70_000)  # valid JSON, over the 64 KiB event limit
+    bad = {
+        "malformed": b'{"schema": "faceattend.attendance_event", "seq": ',
+        "oversized": huge,
+        "unknown_major": as_object(event(seq=91), schema_version="2.0"),
+        "wrong_schema": as_object(event(seq=92), schema="faceattend.attendance_evnt"),
+        "device_mismatch": event(device="door-2", seq=93).to_json(),  # published on door-1's topic
+        "not_utf8": b'{"schema": "faceattend.attendance_event", "name": "\xff\xfe"}',
+        "invalid_field": as_object(event(seq=94), seq=-1),
+        "empty": b"",
+    }
+    good = [event(seq=i) for i in range(len(bad) + 1)]
+    messages = []
+    for valid, payload in zip(good, bad.values(), strict=False):  # each bad message between two valid ones
+        messages += [(door1, valid.to_json()), (door1, payload)]
+    messages.append((door1, good[-1].to_json()))
+    # statuses and acks are checked the same way
+    status = EdgeStatus("online", "door-1", SITE, "0.1.0", 1, FP, utc_now())
+    messages += [
+        (topics.edge_status("door-1"), status.to_json()),
+        (topics.edge_status("door-9"), status.to_json()),  # device_mismatch
+        (topics.gallery_ack("door-1"), as_object_ack(status="maybe")),  # invalid_field
+        (topics.gallery_ack("door-1"), GalleryAck("door-1", SITE, 1, "ok", None, utc_now()).to_json()),
+    ]
+    publish_all(edge, messages)
+
+    stats = settled(ingest, len(messages))
+    assert (stats.stored, stats.duplicates, stats.statuses, stats.acks) == (len(good), 0, 1, 1)
+    assert dict(stats.rejected) == {reason: 1 for reason in bad} | {"device_mismatch": 2, "invalid_field": 2}
+    assert stored_ids(store) == {g.event_id for g in good}
+    assert store.count_events() == len(good)
+    for reason in bad:
+        assert f"on {door1}: {reason}:" in caplog.text
+
+    # still running: the next valid event is stored
+    late = event(seq=100)
+    publish_all(edge, [(door1, late.to_json())])
+    assert settled(ingest, len(messages) + 1).stored == len(good) + 1
+    assert late.event_id in stored_ids(store)
+
+
+def as_object_ack(**changes: Any) -> bytes:
+    obj = GalleryAck("door-1", SITE, 1, "ok", None, utc_now()).to_object()
+    obj.update(changes)
+    return json.dumps(obj).encode()
+
+
+def test_the_same_event_three_times_is_stored_once(store: Store, running):
+    ingest, edge = running
+    e = event(seq=7)
+    publish_all(edge, [(topics.edge_events("door-1"), e.to_json())] * 3)
+    stats = settled(ingest, 3)
+    assert (stats.stored, stats.duplicates) == (1, 2)
+    [stored] = store.events()
+    assert stored.event.event_id == e.event_id and stored.duplicates == 2
+    assert stored.event.site_id == SITE and stored.event.person_id == "alice" and stored.event.seq == 7
+    assert stats.max_lag_s is not None and 0 <= stats.max_lag_s < 5
+
+
+def test_event_id_spellings_are_one_event(store: Store, running):
+    ingest, edge = running
+    e = event(seq=8)
+    publish_all(
+        edge,
+        [
+            (topics.edge_events("door-1"), e.to_json()),
+            (topics.edge_events("door-1"), as_object(e, event_id=e.event_id.upper())),
+        ],
+    )
+    stats = settled(ingest, 2)
+    assert (stats.stored, stats.duplicates) == (1, 1)
+
+
+def test_events_published_while_the_server_is_away_wait_in_its_session(store: Store, mosquitto, mqtt_links):
+    config = ingest_config(mosquitto.url, f"server-ingest-{uuid.uuid4().hex[:8]}", reconnect_min_delay=1)
+    first_link = mqtt_links.make(config)
+    first = Ingest(store, first_link)
+    first.start()
+    first_link.start()
+    assert first_link.wait_connected(10.0)
+    time.sleep(0.3)
+    first_link.stop()  # the server goes away: its session (and subscription) stays at the broker
+    assert first.stop()
+
+    edge = mqtt_links(mosquitto)
+    away = [event(seq=i) for i in range(20)]
+    publish_all(edge, [(topics.edge_events("door-1"), e.to_json()) for e in away])
+
+    again_link = mqtt_links.make(config)
+    again = Ingest(store, again_link)
+    again.start()  # subscribes before connecting: the queued events arrive right after CONNACK
+    again_link.start()
+    stats = settled(again, 20)
+    assert stats.stored == 20
+    assert stored_ids(store) == {e.event_id for e in away}
+    again.stop()
+
+
+class GatedStore:
+    """The real store, with insert_events held until the test opens the gate."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.gate = threading.Event()
+
+    def insert_events(self, batch, **kw):  # type: ignore[no-untyped-def]
+        self.gate.wait(30.0)
+        return self._store.insert_events(batch, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_full_queue_holds_pubacks_and_loses_nothing(store: Store, mosquitto, mqtt_links):
+    gated = GatedStore(store)
+    ingest = Ingest(gated, mqtt_links(mosquitto), queue_size=2, batch_size=1)  # type: ignore[arg-type]
+    ingest.start()
+    time.sleep(0.3)
+    edge = mqtt_links(mosquitto)
+    sent = [event(seq=i) for i in range(40)]
+    handles = [edge.publish(topics.edge_events("door-1"), e.to_json()) for e in sent]
+    assert all(h.wait(10.0) for h in handles)  # the broker took them all (and queues for the slow consumer)
+    assert wait_until(lambda: ingest.stats().backpressure_waits >= 1)
+    held = ingest.stats()
+    assert held.stored == 0 and held.received <= 4  # 1 in the worker, 2 queued, 1 waiting in the handler
+    gated.gate.set()
+    stats = settled(ingest, 40)
+    assert stats.stored == 40 and stats.max_queue_depth == 2
+    assert stored_ids(store) == {e.event_id for e in sent}
+    ingest.stop()
+
+
+class FlakyStore:
+    """The real store behind a switchable failure: `down` (every call fails, the probe too) or one poisoned
+    event_id (its batches fail while the database answers)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.down = False
+        self.poison: str | None = None
+        self.failures = 0
+
+    def _check(self, batch: Sequence[Any] = ()) -> None:
+        if self.down or any(e.event_id == self.poison for e in batch):
+            self.failures += 1
+            raise StoreError("database error: connection refused (simulated)")
+
+    def insert_events(self, batch, **kw):  # type: ignore[no-untyped-def]
+        self._check(batch)
+        return self._store.insert_events(batch, **kw)
+
+    def schema_version(self) -> int:
+        self._check()
+        return self._store.schema_version()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_an_unreachable_database_is_retried_and_a_refused_row_rejected_alone(store: Store, mosquitto, mqtt_links):
+    flaky = FlakyStore(store)
+    ingest = Ingest(flaky, mqtt_links(mosquitto))  # type: ignore[arg-type]
+    ingest.start()
+    time.sleep(0.3)
+    edge = mqtt_links(mosquitto)
+    door1 = topics.edge_events("door-1")
+
+    flaky.down = True
+    during = [event(seq=i) for i in range(10)]
+    publish_all(edge, [(door1, e.to_json()) for e in during])
+    assert wait_until(lambda: ingest.stats().store_retries >= 2)
+    assert ingest.stats().stored == 0
+    flaky.down = False
+    stats = settled(ingest, 10)
+    assert stats.stored == 10 and stats.rejected_total == 0
+
+    poisoned = [event(seq=i) for i in range(20, 30)]
+    flaky.poison = poisoned[4].event_id
+    # published back to back, so they can share a batch with the poisoned one
+    publish_all(edge, [(door1, e.to_json()) for e in poisoned])
+    stats = settled(ingest, 20)
+    assert stats.stored == 19 and dict(stats.rejected) == {"store_refused": 1}
+    assert stored_ids(store) == {e.event_id for e in during + poisoned} - {flaky.poison}
+    ingest.stop()
