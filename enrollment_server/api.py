@@ -349,6 +349,8 @@ class ReportOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok"]
+    # the running server's MQTT links and ingest counters (absent when the API runs without them, as in tests)
+    components: dict[str, Any] | None = None
 
 
 class ErrorFieldOut(BaseModel):
@@ -537,6 +539,9 @@ class AdminService:
             return GalleryUpdate(changed=True, published=False)
         try:
             self.on_change(site)
+        except FaceAttendError as exc:  # broker down, publication timed out: expected, retried on reconnect
+            log.warning("gallery of site %s not published after a change (the change is stored): %s", site, exc)
+            return GalleryUpdate(changed=True, published=False, error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             log.exception("gallery publication for site %s failed after a change; the change is stored", site)
             return GalleryUpdate(changed=True, published=False, error=f"{type(exc).__name__}: {exc}")
@@ -853,13 +858,14 @@ def create_app(
     max_upload_bytes: int,
     on_change: Callable[[str], object] | None = None,
     devices_site: str,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """The admin API over one store and enroller.
 
     token: the admin bearer token (>= 16 characters, else ConfigError). max_upload_bytes: the cap on a face upload's
     whole request body. on_change(site): called after every change that alters a site's gallery (the server wires
     the gallery publisher to it). devices_site: the server's own site (ServerConfig.site): the default wherever a
-    request names no site, created in the store if absent.
+    request names no site, created in the store if absent. health(): extra figures for `GET /healthz`.
     """
     _check_settings(token, max_upload_bytes, devices_site)
     store.ensure_site(devices_site)
@@ -890,11 +896,11 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], response_model_exclude_none=True)
     def healthz() -> HealthOut:
         """Liveness and database reachability; needs no token (for load balancers and probes)."""
         store.schema_version()  # StoreError -> 503
-        return HealthOut(status="ok")
+        return HealthOut(status="ok", components=health() if health else None)
 
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)], responses=_ERROR_RESPONSES)
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from enrollment_server import components as c
 from enrollment_server.config import ServerConfig, load_config
 from models.errors import FaceAttendError, MqttError
 
@@ -23,67 +24,14 @@ log = logging.getLogger("enrollment-server")
 EXIT_OK, EXIT_PARTIAL, EXIT_FATAL, EXIT_BROKER = 0, 1, 2, 3
 
 
-def _store(cfg: ServerConfig):
-    from enrollment_server.store import Store
-
-    return Store.open(cfg.database.url, keep_photos=cfg.enrollment.keep_photos)
-
-
-def _enroller(cfg: ServerConfig, store):
-    from enrollment_server.enrollment import Enroller
-    from models.pipeline import FacePipeline, PipelineConfig
-
-    return Enroller(store, FacePipeline.create(PipelineConfig(alignment=cfg.enrollment.alignment)), cfg.enrollment)
-
-
-def signer_for(cfg: ServerConfig, *, create: bool):
-    """The gallery signing key; generated (0600) on first use when `create`."""
-    from models.contract.signing import Signer
-
-    path = cfg.gallery.signing_key
-    if path.is_file():
-        return Signer.load(path)
-    if not create:
-        raise FaceAttendError(f"no signing key at {path}: run `enrollment-server init` first")
-    signer = Signer.generate()
-    signer.save(path)
-    signer.save_public(path.with_suffix(".pub.pem"))
-    log.warning("generated the gallery signing key %s (public key: %s)", path, path.with_suffix(".pub.pem"))
-    return signer
-
-
-def _link(cfg: ServerConfig, client_suffix: str, **options):
-    from models.contract.mqtt_link import MqttConfig, PahoMqttLink
-
-    tls = {
-        k: v
-        for k, v in (("ca_file", cfg.mqtt.ca_file), ("cert_file", cfg.mqtt.cert_file), ("key_file", cfg.mqtt.key_file))
-        if v
-    }
-    return PahoMqttLink(
-        MqttConfig.from_url(cfg.mqtt.url, client_id=f"{cfg.mqtt.client_id}-{client_suffix}", **tls, **options)
-    )
-
-
 def publish_gallery(cfg: ServerConfig, store, site: str, *, timeout: float = 15.0) -> dict:
     """Publish the site's current gallery once (connect, publish, wait for acks, disconnect)."""
-    from enrollment_server.gallery_publisher import GalleryPublisher
-    from models.fingerprint import encoder_fingerprint
-
-    link = _link(cfg, f"publish-{os.getpid()}")
+    link = c.make_link(c.mqtt_config(cfg, f"publish-{os.getpid()}"))
     link.start()
     try:
         if not link.wait_connected(timeout):
             raise MqttError(f"broker {cfg.mqtt.url} not reachable within {timeout:.0f} s")
-        publisher = GalleryPublisher(
-            store,
-            link,
-            signer_for(cfg, create=True),
-            encoder_fingerprint(alignment=cfg.enrollment.alignment).value,
-            dtype=cfg.gallery.dtype,
-            chunk_size=cfg.gallery.chunk_kib * 1024,
-        )
-        published = publisher.publish(site)
+        published = c.make_publisher(cfg, store, link, c.signer_for(cfg, create=True)).publish(site)
     finally:
         link.stop()
     return {"site": site, "version": published.version, "templates": published.count, "people": published.people}
@@ -94,7 +42,7 @@ def _after_change(args: argparse.Namespace, cfg: ServerConfig, store, site: str)
         print("gallery not published (--no-publish): run `enrollment-server publish` or let the server do it")
         return EXIT_OK
     try:
-        print(json.dumps({"gallery": publish_gallery(cfg, store, site)}))
+        print(json.dumps({"gallery": publish_gallery(cfg, store, site, timeout=args.timeout)}))
     except MqttError as exc:
         print(f"enrollment-server: stored, but the gallery was not published: {exc}", file=sys.stderr)
         return EXIT_BROKER
@@ -105,9 +53,9 @@ def _after_change(args: argparse.Namespace, cfg: ServerConfig, store, site: str)
 
 
 def cmd_init(args: argparse.Namespace, cfg: ServerConfig) -> int:
-    store = _store(cfg)
+    store = c.open_store(cfg)
     store.ensure_site(args.site or cfg.site)
-    signer = signer_for(cfg, create=True)
+    signer = c.signer_for(cfg, create=True)
     print(
         json.dumps(
             {
@@ -128,11 +76,10 @@ def cmd_enroll(args: argparse.Namespace, cfg: ServerConfig) -> int:
     for p in map(Path, args.photos):
         try:
             photos.append((str(p), p.read_bytes()))
-        except OSError as exc:
-            photos.append((str(p), b""))
-            log.warning("%s: cannot read (%s)", p, exc)
-    store = _store(cfg)
-    report = _enroller(cfg, store).enroll(
+        except OSError as exc:  # a mistyped path: nothing is enrolled, the admin fixes the command line
+            raise FaceAttendError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    store = c.open_store(cfg)
+    report = c.make_enroller(cfg, store).enroll(
         args.person_id, args.name, site, photos, allow_duplicate_identity=args.allow_duplicate_identity
     )
     print(json.dumps(report.to_json()))
@@ -150,8 +97,8 @@ def cmd_import(args: argparse.Namespace, cfg: ServerConfig) -> int:
     site = args.site or cfg.site
     root = Path(args.folder)
     total = sum(len(photos) for _, photos in person_folders(root))
-    store = _store(cfg)
-    enroller = _enroller(cfg, store)
+    store = c.open_store(cfg)
+    enroller = c.make_enroller(cfg, store)
     with tqdm(total=total, unit="photo", desc="import", file=sys.stderr, disable=args.quiet) as bar:
         reports = import_folder(
             enroller, root, site, allow_duplicate_identity=args.allow_duplicate_identity, progress=bar.update
@@ -182,7 +129,7 @@ def cmd_import(args: argparse.Namespace, cfg: ServerConfig) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, cfg: ServerConfig) -> int:
-    store = _store(cfg)
+    store = c.open_store(cfg)
     site = store.get_person(args.person_id).site_id
     removed = store.remove_person(args.person_id)
     print(json.dumps({"removed": args.person_id, "templates": removed}))
@@ -190,13 +137,13 @@ def cmd_remove(args: argparse.Namespace, cfg: ServerConfig) -> int:
 
 
 def cmd_rename(args: argparse.Namespace, cfg: ServerConfig) -> int:
-    person = _store(cfg).rename_person(args.person_id, args.name)
+    person = c.open_store(cfg).rename_person(args.person_id, args.name)
     print(json.dumps({"person_id": person.person_id, "name": person.display_name}))
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace, cfg: ServerConfig) -> int:
-    store = _store(cfg)
+    store = c.open_store(cfg)
     site = args.site or cfg.site
     for person in store.list_people(site):
         templates = store.count_templates(person_id=person.person_id)
@@ -216,11 +163,11 @@ def cmd_list(args: argparse.Namespace, cfg: ServerConfig) -> int:
 
 def cmd_publish(args: argparse.Namespace, cfg: ServerConfig) -> int:
     args.no_publish = False
-    return _after_change(args, cfg, _store(cfg), args.site or cfg.site)
+    return _after_change(args, cfg, c.open_store(cfg), args.site or cfg.site)
 
 
 def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
-    devices = _store(cfg).list_devices(args.site)
+    devices = c.open_store(cfg).list_devices(args.site)
     rows = [
         {
             "device": d.device_id,
@@ -253,7 +200,7 @@ def cmd_report(args: argparse.Namespace, cfg: ServerConfig) -> int:
         day = date.fromisoformat(args.date)
     except ValueError as exc:
         raise FaceAttendError(f"--date {args.date!r}: expected YYYY-MM-DD") from exc
-    rows = _store(cfg).daily_report(args.site, day)
+    rows = c.open_store(cfg).daily_report(args.site, day)
     text = to_csv(rows) if args.format == "csv" else to_json(rows)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -285,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--site", help="site id (default: the config's site)")
         if publishes:
             p.add_argument("--no-publish", action="store_true", help="store only; publish the gallery later")
+        if publishes or name == "publish":
+            p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the broker (default 15)")
         return p
 
     add("init", cmd_init, "create the database and the gallery signing key; print the public key for edges")

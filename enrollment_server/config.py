@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from enrollment_server.quality import QualityConfig
 from models.config import load_dataclass, load_yaml
+from models.quality import QualityConfig
 
 
 @dataclass(frozen=True)

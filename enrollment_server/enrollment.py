@@ -1,7 +1,7 @@
 """Enrollment: photos in, quality-gated templates out, one specific verdict per photo.
 
 Per photo: decode (ImageError -> unreadable), detect/align/encode, the photo gates (models of
-enrollment_server.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
+models.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
 person already has adds nothing. A *new* person whose face already matches someone enrolled at the site under the
 configured distance is flagged as a probable duplicate identity and not created, unless the admin insists.
 The identity check uses the same open-set decision rule as the edges (models.decision).
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from enrollment_server import quality as q
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.store import Store, TemplateQuality
+from models import quality as q
 from models.decision import DecisionRule, Neighbours
 from models.errors import ConflictError, ImageError, NotFoundError
 from models.imageio import IMAGE_SUFFIXES, load_image

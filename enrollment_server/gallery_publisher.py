@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,15 +206,20 @@ class GalleryPublisher:
                 cleared=cleared,
             )
 
-    def republish_on_connect(self, sites: Sequence[str]) -> None:
+    def republish_on_connect(self, sites: Sequence[str] | Callable[[], Sequence[str]]) -> None:
         """After every connect of the link (the first one included, so this also covers server start), run
         `republish_latest` for each site on a background thread: a broker that crashed may have come back without
         its retained messages, and the connection listener itself must not wait for PUBACKs (network thread).
 
-        Failures are logged and retried at the next connect. Connects during a run queue exactly one more run.
-        Register before the link's start() for the first connect to count.
+        `sites` may be a callable, read at each run, so that sites created meanwhile are covered. Failures are
+        logged and retried at the next connect. Connects during a run queue exactly one more run. Register before
+        the link's start() for the first connect to count.
         """
-        runner = _Republisher(self, tuple(topics.validate_id(s, "site") for s in sites))
+        if callable(sites):
+            runner = _Republisher(self, sites)
+        else:
+            listed = tuple(topics.validate_id(s, "site") for s in sites)
+            runner = _Republisher(self, lambda: listed)
         self._link.add_connection_listener(runner.on_connection)
 
     # ---- one new version ----
@@ -341,7 +346,7 @@ class GalleryPublisher:
 class _Republisher:
     """Runs republish_latest for a set of sites off the network thread, at most one run at a time."""
 
-    def __init__(self, publisher: GalleryPublisher, sites: tuple[str, ...]) -> None:
+    def __init__(self, publisher: GalleryPublisher, sites: Callable[[], Sequence[str]]) -> None:
         self._publisher = publisher
         self._sites = sites
         self._lock = threading.Lock()
@@ -366,7 +371,12 @@ class _Republisher:
                     self._thread = None
                     return
                 self._pending = False
-            for site in self._sites:
+            try:
+                sites = list(self._sites())
+            except FaceAttendError as exc:
+                log.warning("gallery re-publication after connecting: cannot list the sites: %s", exc)
+                continue
+            for site in sites:
                 try:
                     result = self._publisher.republish_latest(site)
                 except FaceAttendError as exc:

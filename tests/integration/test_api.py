@@ -30,11 +30,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from enrollment_server import quality as q
 from enrollment_server.api import MAX_FILES, create_app
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.enrollment import Enroller, EnrollReport
 from enrollment_server.store import AttendanceEvent, DeviceStatus, Store
+from models import quality as q
 from models.errors import ConfigError, StoreError
 from models.imageio import load_image
 from models.pipeline import FacePipeline

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enrollment_server import quality as q
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.enrollment import Enroller, import_folder
 from enrollment_server.store import Store
+from models import quality as q
 from models.errors import ConflictError, ImageError
 from models.imageio import load_image
 from models.pipeline import FacePipeline

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from enrollment_server.gallery_publisher import GalleryPublisher, PublishedGallery
 from enrollment_server.ingest import Ingest
@@ -47,15 +48,6 @@ SMALL_CHUNK = 512  # several chunks even for a handful of templates
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 class Edge:

@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from enrollment_server.ingest import Ingest, IngestStats, ingest_config
 from enrollment_server.store import Store
@@ -28,15 +29,6 @@ from models.errors import StoreError
 
 SITE = "hq"
 FP = "dlib_resnet_v1-0123456789abcdef"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def event(device: str = "door-1", seq: int = 1, person: str | None = "alice") -> AttendanceEvent:

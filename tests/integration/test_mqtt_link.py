@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from models.contract import topics
 from models.contract.assembler import GalleryAssembler
@@ -72,15 +73,6 @@ def start_link(made: list[PahoMqttLink], broker: Any, *, will: Will | None = Non
 def connected(link: PahoMqttLink) -> PahoMqttLink:
     assert link.wait_connected(CONNECT_TIMEOUT_S), "link did not connect"
     return link
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_qos1_publish_waits_for_puback_and_is_received(mosquitto, links):

@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from enrollment_server.quality import (
+from models.imageio import load_image
+from models.pipeline import FacePipeline
+from models.quality import (
     NO_FACE,
     OFF_FRONTAL,
     SEVERAL_FACES,
@@ -16,8 +18,6 @@ from enrollment_server.quality import (
     assess_photo,
     face_figures,
 )
-from models.imageio import load_image
-from models.pipeline import FacePipeline
 from models.types import Detection, FaceEmbedding
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"

@@ -1,4 +1,5 @@
-"""Quality gates for enrollment photos: each rejected photo gets one specific, machine-readable reason.
+"""Face quality gates (enrollment photos, and edge captures before encoding): each rejection has one specific,
+machine-readable reason.
 
 Thresholds were set on the development face set (aligned 150x150 chips, our detector's landmarks): they keep
 99 % of its photos, which include tight 150 px celebrity crops, and reject what degrades templates: a Gaussian

@@ -1,0 +1,95 @@
+"""Build the server's parts from its configuration: store, enroller, signing key, MQTT links, gallery publisher.
+
+Shared by the CLI's one-shot commands and the long-running service, so both see the same database, key,
+encoder fingerprint and broker settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from enrollment_server.config import ServerConfig
+from models.errors import ConfigError, FaceAttendError
+
+if TYPE_CHECKING:
+    from enrollment_server.enrollment import Enroller
+    from enrollment_server.gallery_publisher import GalleryPublisher
+    from enrollment_server.store import Store
+    from models.contract.mqtt_link import MqttConfig, MqttLink, PahoMqttLink
+    from models.contract.signing import Signer
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "FACEATTEND_ADMIN_TOKEN"
+
+
+def open_store(cfg: ServerConfig) -> Store:
+    from enrollment_server.store import Store
+
+    return Store.open(cfg.database.url, keep_photos=cfg.enrollment.keep_photos)
+
+
+def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
+    from enrollment_server.enrollment import Enroller
+    from models.pipeline import FacePipeline, PipelineConfig
+
+    return Enroller(store, FacePipeline.create(PipelineConfig(alignment=cfg.enrollment.alignment)), cfg.enrollment)
+
+
+def fingerprint(cfg: ServerConfig) -> str:
+    from models.fingerprint import encoder_fingerprint
+
+    return encoder_fingerprint(alignment=cfg.enrollment.alignment).value
+
+
+def signer_for(cfg: ServerConfig, *, create: bool) -> Signer:
+    """The gallery signing key; generated (0600, public half beside it) on first use when `create`."""
+    from models.contract.signing import Signer
+
+    path = cfg.gallery.signing_key
+    if path.is_file():
+        return Signer.load(path)
+    if not create:
+        raise FaceAttendError(f"no signing key at {path}: run `enrollment-server init` first")
+    signer = Signer.generate()
+    signer.save(path)
+    signer.save_public(path.with_suffix(".pub.pem"))
+    log.warning("generated the gallery signing key %s (public key: %s)", path, path.with_suffix(".pub.pem"))
+    return signer
+
+
+def tls_options(cfg: ServerConfig) -> dict[str, Any]:
+    m = cfg.mqtt
+    return {k: v for k, v in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)) if v}
+
+
+def mqtt_config(cfg: ServerConfig, client_suffix: str, **options: Any) -> MqttConfig:
+    from models.contract.mqtt_link import MqttConfig
+
+    return MqttConfig.from_url(
+        cfg.mqtt.url, client_id=f"{cfg.mqtt.client_id}-{client_suffix}", **tls_options(cfg), **options
+    )
+
+
+def make_link(config: MqttConfig) -> PahoMqttLink:
+    from models.contract.mqtt_link import PahoMqttLink
+
+    return PahoMqttLink(config)
+
+
+def make_publisher(cfg: ServerConfig, store: Store, link: MqttLink, signer: Signer) -> GalleryPublisher:
+    from enrollment_server.gallery_publisher import GalleryPublisher
+
+    return GalleryPublisher(
+        store, link, signer, fingerprint(cfg), dtype=cfg.gallery.dtype, chunk_size=cfg.gallery.chunk_kib * 1024
+    )
+
+
+def admin_token(cfg: ServerConfig) -> str:
+    """api.token, else the FACEATTEND_ADMIN_TOKEN environment variable (keeps the secret out of config files)."""
+    token = cfg.api.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise ConfigError(f"api.token: no admin token configured (set api.token or the {TOKEN_ENV} variable)")
+    return token
