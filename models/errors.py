@@ -31,6 +31,22 @@ class ConfigError(FaceAttendError):
     """A configuration value or key is invalid."""
 
 
+class StyleError(FaceAttendError):
+    """A style-transfer model, checkpoint or run cannot be used (wrong file, other style, unknown layer)."""
+
+
+class TrainingError(FaceAttendError):
+    """A training or calibration run cannot proceed, or its result must not be used."""
+
+
+class DatasetError(TrainingError):
+    """A training / calibration dataset is unusable: not a folder, empty, too few identities, a corrupt image."""
+
+
+class AdapterRejectedError(TrainingError):
+    """A trained embedding adapter makes the held-out people's figures worse (or no better): it is not shipped."""
+
+
 class DecisionError(FaceAttendError, ValueError):
     """A decision rule was handed inconsistent neighbours or calibration data (a caller's contract violation)."""
 
@@ -57,6 +73,18 @@ class ConflictError(StoreError):
 
 class DatabaseVersionError(StoreError):
     """The database was written by a newer version of the program; this one will not touch it."""
+
+
+class OutboxError(FaceAttendError):
+    """The edge's durable event outbox failed an operation (disk error, misuse, a file from a newer version)."""
+
+
+class OutboxFullError(OutboxError):
+    """The outbox holds its maximum number of undelivered events and its policy is to refuse new ones."""
+
+
+class SnapshotError(FaceAttendError):
+    """An event snapshot could not be stored (bad event id, disk full or unwritable)."""
 
 
 class ContractError(FaceAttendError):
@@ -97,3 +125,28 @@ class MqttError(FaceAttendError):
 
 class PublishTimeoutError(MqttError):
     """The broker did not acknowledge a publication within the allowed time (broker down or overloaded)."""
+
+
+class GalleryIndexError(FaceAttendError):
+    """An edge's gallery index cannot be built or queried as asked (embedding dimension, k, hnswlib failure)."""
+
+
+class GalleryStoreError(FaceAttendError):
+    """An edge's saved gallery cannot be written, or fails its checks (signature, sha256, fingerprint) when read."""
+
+
+class EmbeddedBrokerError(FaceAttendError):
+    """The demo's embedded MQTT broker cannot listen (address in use) or was misused; inside the broker, a client
+    broke the MQTT protocol (its connection is closed)."""
+
+
+class CaptureError(FaceAttendError):
+    """A camera source cannot be used; as such (not a subclass): its kind needs a backend this OpenCV lacks."""
+
+
+class SourceUnavailableError(CaptureError):
+    """A camera source cannot be opened or read right now (missing file, refused connection, unplugged device)."""
+
+
+class VideoGenError(FaceAttendError):
+    """A test video cannot be generated: unreadable photo, no face in a photo, impossible schedule, unwritable file."""

@@ -70,6 +70,9 @@ _IMAGE_SUFFIXES: Final[tuple[str, ...]] = (".jpg", ".jpeg", ".png")
 
 # (stage, done, total): long loops report through this as well as through logging
 ProgressCallback = Callable[[str, int, int], None]
+# A learned dissimilarity (e.g. the siamese verifier's -ln p) in place of the Euclidean distance: rows compared over
+# the last axis, leading axes broadcast; lower = more alike, NaN where a face is missing.
+PairMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Embeddings = Mapping[str, "np.ndarray | None"]
 
 
@@ -278,7 +281,18 @@ class _PairDistances:
     impostor: NDArray[np.float64]
 
 
-def _pair_distances(protocol: Protocol, idx: Mapping[str, int], E: np.ndarray) -> _PairDistances:
+def _pair_distances(
+    protocol: Protocol, idx: Mapping[str, int], E: np.ndarray, metric: PairMetric | None = None
+) -> _PairDistances:
+    if metric is not None:
+
+        def many(pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
+            ij = np.array([(idx[a], idx[b]) for a, b in pairs], dtype=np.int64).reshape(-1, 2)
+            d = np.asarray(metric(E[ij[:, 0]], E[ij[:, 1]]), dtype=np.float64)
+            return np.where(np.isnan(d), BIG, d)
+
+        return _PairDistances(many(protocol.genuine), many(protocol.impostor))
+
     # One np.linalg.norm per pair on 1-D rows, as the reference does: the vectorised axis=1 norm sums in another
     # order, and a last-bit difference could flip a "d <= t" at a threshold that is itself one of the distances.
     def dist(a: str, b: str) -> float:
@@ -329,7 +343,7 @@ class _OneShot:
     stranger_dist: NDArray[np.float64]
 
 
-def _one_shot(protocol: Protocol, idx: Mapping[str, int], E: np.ndarray) -> _OneShot:
+def _one_shot(protocol: Protocol, idx: Mapping[str, int], E: np.ndarray, metric: PairMetric | None = None) -> _OneShot:
     G = np.stack([E[idx[f]] for _, f in protocol.gallery]) if protocol.gallery else np.empty((0, E.shape[1]))
     names = [p for p, _ in protocol.gallery]
     mate_d, mate_ok, nm = [], [], []
@@ -340,7 +354,7 @@ def _one_shot(protocol: Protocol, idx: Mapping[str, int], E: np.ndarray) -> _One
             if p:
                 mate_ok.append(False)
             continue
-        dd = np.linalg.norm(G - v, axis=1)
+        dd = np.linalg.norm(G - v, axis=1) if metric is None else np.asarray(metric(G, v[None, :]), dtype=np.float64)
         dd[np.isnan(dd)] = BIG
         j = int(np.argmin(dd))
         if p:
@@ -352,7 +366,12 @@ def _one_shot(protocol: Protocol, idx: Mapping[str, int], E: np.ndarray) -> _One
 
 
 def _reference_metrics(
-    protocol: Protocol, idx: Mapping[str, int], E: np.ndarray, missing: int, pd: _PairDistances
+    protocol: Protocol,
+    idx: Mapping[str, int],
+    E: np.ndarray,
+    missing: int,
+    pd: _PairDistances,
+    metric: PairMetric | None = None,
 ) -> ReferenceMetrics:
     g, im = pd.genuine, pd.impostor
     acc, std = _verification_accuracy(g, im)
@@ -360,7 +379,7 @@ def _reference_metrics(
     def tar_at_far(far: float) -> float:
         return float((g <= np.quantile(im, far)).mean()) if im.size and g.size else math.nan
 
-    os_ = _one_shot(protocol, idx, E)
+    os_ = _one_shot(protocol, idx, E, metric)
 
     def dir_at_fpir(fpir: float) -> float:
         if os_.stranger_dist.size == 0 or os_.mate_dist.size == 0:
@@ -527,7 +546,7 @@ def _identity_of(relpath: str) -> str:
 
 
 def _open_set_data(
-    protocol: Protocol, embeddings: Embeddings
+    protocol: Protocol, embeddings: Embeddings, metric: PairMetric | None = None
 ) -> tuple[Neighbours, np.ndarray, dict[str, tuple[Neighbours, int]], tuple[StrangerSet, ...]]:
     """Mates (neighbours + true identities) and the stranger sets, as ``Neighbours`` against the one-shot gallery."""
     gal_ids = np.array([p for p, _ in protocol.gallery], dtype=object)
@@ -536,7 +555,8 @@ def _open_set_data(
     _, E = _stack({img: embeddings[img] for img in images})
     if gal_ids.size:
         G = np.stack([E[row[f]] for _, f in protocol.gallery])
-        D = pairwise_distances(E, G)  # (images, identities); NaN where a face is missing
+        # (images, identities); NaN where a face is missing
+        D = pairwise_distances(E, G) if metric is None else np.asarray(metric(E[:, None], G[None]), dtype=np.float64)
     else:
         D = np.empty((len(images), 0))
     D[np.isnan(D)] = np.inf
@@ -590,10 +610,13 @@ def evaluate(
     fpirs: Sequence[float] = DEFAULT_FPIRS,
     cosine: bool = False,
     progress: ProgressCallback | None = None,
+    metric: PairMetric | None = None,
 ) -> EvaluationReport:
     """The reference metrics plus thresholds, per-rule DIR at each FPIR on each stranger set, and curves.
 
     ``rules``: the rules to calibrate (their thresholds are replaced; the ratio / margin cap is kept).
+    ``metric``: a learned dissimilarity instead of the Euclidean distance (same protocol, same figures); the
+    ratio / margin caps are in the metric's units then.
     """
     names = [r.rule for r in rules]
     if len(set(names)) != len(names):
@@ -610,15 +633,15 @@ def evaluate(
             progress(stage, done, steps)
 
     idx, E, missing = _matrix(protocol, embeddings, cosine)
-    pd = _pair_distances(protocol, idx, E)
-    ref = _reference_metrics(protocol, idx, E, missing, pd)
+    pd = _pair_distances(protocol, idx, E, metric)
+    ref = _reference_metrics(protocol, idx, E, missing, pd, metric)
     tick("reference metrics")
     verification, roc = _verification_thresholds(pd.genuine, pd.impostor, fpirs)
     tick("verification thresholds")
     used = embeddings
     if cosine:
         used = {img: E[idx[img]] for img in protocol.images}
-    mates, truth, sets, info = _open_set_data(protocol, used)
+    mates, truth, sets, info = _open_set_data(protocol, used, metric)
     rank1 = float(np.mean(mates.found & (mates.label1 == truth))) if len(mates) else math.nan
     tick("open-set neighbours")
     points: list[OpenSetPoint] = []

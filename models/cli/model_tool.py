@@ -545,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
 
+    from models.cli.train_commands import add_training_commands  # calibrate, train-adapter, train-verifier
+
+    add_training_commands(sub, _add_pipeline_args)
+
+    from models.cli.style_commands import add_style_commands  # stylize, train-style, bench-style, ...
+
+    add_style_commands(sub)
     return parser
 
 
