@@ -150,3 +150,8 @@ class SourceUnavailableError(CaptureError):
 
 class VideoGenError(FaceAttendError):
     """A test video cannot be generated: unreadable photo, no face in a photo, impossible schedule, unwritable file."""
+
+
+class RecognitionError(FaceAttendError):
+    """The edge's per-track recognition was handed inconsistent inputs (samples, embeddings and matches that do not
+    line up; invalid vote weights): a caller's contract violation."""
