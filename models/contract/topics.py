@@ -7,6 +7,7 @@ readers can run side by side. Layout:
     faceattend/v1/site/{site}/gallery/blob/{i}      server -> edges, retained, i = 0 .. chunk_count-1
     faceattend/v1/edge/{device}/status              edge -> all, retained (the last will says offline)
     faceattend/v1/edge/{device}/events              edge -> consumers, not retained
+    faceattend/v1/edge/{device}/stylized            edge -> consumers, not retained (a snapshot painted offline)
     faceattend/v1/edge/{device}/gallery/ack         edge -> server
 
 Site and device ids are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`: never empty, never a wildcard (`+`, `#`) or a level
@@ -34,6 +35,7 @@ class TopicKind(str, enum.Enum):
     EDGE_STATUS = "edge_status"
     EDGE_EVENTS = "edge_events"
     GALLERY_ACK = "gallery_ack"
+    EDGE_STYLIZED = "edge_stylized"
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,17 @@ def gallery_ack(device: str) -> str:
     return f"{ROOT}/edge/{validate_id(device, 'device')}/gallery/ack"
 
 
+def edge_stylized(device: str) -> str:
+    return f"{ROOT}/edge/{validate_id(device, 'device')}/stylized"
+
+
 # Subscription filters.
 ALL_EDGE_EVENTS = f"{ROOT}/edge/+/events"
 ALL_EDGE_STATUS = f"{ROOT}/edge/+/status"
 ALL_GALLERY_ACKS = f"{ROOT}/edge/+/gallery/ack"
 SERVER_FILTERS = (ALL_EDGE_EVENTS, ALL_EDGE_STATUS, ALL_GALLERY_ACKS)
+# not among the server's: stylised snapshots are for whoever shows them (a lobby screen, a gallery page)
+ALL_EDGE_STYLIZED = f"{ROOT}/edge/+/stylized"
 
 
 def site_gallery_filter(site: str) -> str:
@@ -120,4 +128,6 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.EDGE_EVENTS, device=device)
         if rest == ["gallery", "ack"]:
             return ParsedTopic(TopicKind.GALLERY_ACK, device=device)
+        if rest == ["stylized"]:
+            return ParsedTopic(TopicKind.EDGE_STYLIZED, device=device)
     raise TopicError(f"topic {topic!r} is not a faceattend contract topic")
