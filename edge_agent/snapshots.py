@@ -48,7 +48,7 @@ _MIB = 1024 * 1024
 @dataclass(frozen=True, kw_only=True)
 class SnapshotConfig:
     mode: SnapshotMode = "face"
-    dir: Path
+    dir: Path | None = None  # None: the agent's state_dir/snapshots (filled in when the config is loaded)
     jpeg_quality: int = 90
     max_age_days: float = 30
     max_total_mib: float = 1024
@@ -84,6 +84,8 @@ class SnapshotStore:
 
     def __init__(self, config: SnapshotConfig) -> None:
         self._config = config
+        if config.dir is None:
+            raise ConfigError("snapshots.dir: a snapshot store needs its folder")
         self._root = config.dir
         self._max_bytes = int(config.max_total_mib * _MIB)
         self._max_age_s = config.max_age_days * _DAY_S
@@ -171,10 +173,12 @@ class SnapshotStore:
     def _remove_locked(self, snap: Snapshot) -> None:
         del self._index[snap.ref]
         self._total -= snap.size
-        try:
-            snap.path.unlink(missing_ok=True)
-        except OSError as exc:  # forgotten anyway: retrying every write would not make it deletable
-            log.warning("snapshots: cannot delete %s: %s", snap.path, exc)
+        # the snapshot and what was derived from it (`<id>.<style>.jpg`, the style worker's paintings)
+        for path in (snap.path, *snap.path.parent.glob(f"{snap.path.stem}.*{_SUFFIX}")):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # forgotten anyway: retrying every write would not make it deletable
+                log.warning("snapshots: cannot delete %s: %s", path, exc)
         day = snap.path.parent
         try:
             if next(day.iterdir(), None) is None:
@@ -194,7 +198,7 @@ class SnapshotStore:
                     if path.name.endswith(_TMP_SUFFIX):
                         path.unlink()  # a write cut short by a crash
                         log.info("snapshots: removed the unfinished write %s", path)
-                    elif path.suffix == _SUFFIX and path.is_file():
+                    elif path.suffix == _SUFFIX and "." not in path.stem and path.is_file():  # not a derived file
                         st = path.stat()
                         found.append(Snapshot(f"{day.name}/{path.name}", path, st.st_size, st.st_mtime))
                 except OSError as exc:

@@ -74,10 +74,12 @@ def new_event(
     fingerprint: str,
     snapshot: str | None = None,
     ts: str | None = None,
+    event_id: str | None = None,
 ) -> AttendanceEvent:
-    """A fresh event: a random (uuid4) event_id and, unless given, the current UTC time."""
+    """A fresh event: unless given, a random (uuid4) event_id and the current UTC time. The edge draws the id
+    first when a snapshot named after it is stored before the event."""
     return AttendanceEvent(
-        event_id=str(uuid.uuid4()),
+        event_id=event_id if event_id is not None else str(uuid.uuid4()),
         seq=seq,
         device_id=device_id,
         site=site,

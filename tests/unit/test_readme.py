@@ -12,7 +12,7 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_second():
     assert block and text.startswith("# faceattend\n\n" + block.group(0))
     commands = [line for line in block.group(1).splitlines() if line.strip()]
     assert len(commands) == 2
-    assert commands[0].endswith("model-tool demo")
+    assert commands[0].endswith("edge-agent demo")
     assert "pytest" in commands[1] and "'.[dev]'" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -e '.\\[dev\\]'" in ci  # .ci/run greps this very line out of the README

@@ -200,3 +200,17 @@ def test_readers_never_see_a_partial_jpeg(tmp_path: Path) -> None:
         thread.join(10)
     assert bad == []
     assert len(seen) > 5
+
+
+def test_derived_paintings_are_not_snapshots_and_leave_with_theirs(tmp_path: Path) -> None:
+    s = store(tmp_path, mode="frame")
+    first = s.save(eid(), noisy_frame(1), (10, 10, 50, 50), at=DAY1)
+    assert first is not None
+    painted = tmp_path / "snaps" / first.replace(".jpg", ".mosaic.jpg")
+    painted.write_bytes((tmp_path / "snaps" / first).read_bytes())
+    assert [x.ref for x in store(tmp_path, mode="frame").iter_snapshots()] == [first]  # the rescan skips it
+    size = (tmp_path / "snaps" / first).stat().st_size
+    tight = store(tmp_path, mode="frame", max_total_mib=1.5 * size / MIB)
+    second = tight.save(eid(), noisy_frame(2), (10, 10, 50, 50), at=DAY2)
+    assert [x.ref for x in tight.iter_snapshots()] == [second]
+    assert not painted.exists() and not (tmp_path / "snaps" / "2025-03-01").exists()

@@ -1,0 +1,226 @@
+"""`edge-agent`: check-config, run, build-engines, bench, make-video, demo.
+
+Exit codes: 0 success; 1 the demo / bench ran but its ground-truth check failed; 2 bad input (configuration,
+arguments, files); 3 a runtime failure (broker, camera, model, disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from models.errors import ConfigError, FaceAttendError, ImageError, VideoGenError
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 3
+
+log = logging.getLogger("edge_agent")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.agent import check_files
+    from edge_agent.capture import redact_source
+    from edge_agent.config import load_config
+
+    cfg = load_config(args.config)
+    check_files(cfg)
+    print(
+        json.dumps(
+            {
+                "ok": True,
+                "device_id": cfg.device_id,
+                "site": cfg.site,
+                "broker": cfg.mqtt.url,
+                "cameras": {c.name: redact_source(c.source) for c in cfg.cameras},
+                "backend": cfg.models.backend,
+                "decision": cfg.decision.to_dict(),
+                "attendance_window_s": cfg.attendance.window_s,
+                "state_dir": str(cfg.state_dir),
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import load_config
+    from edge_agent.systemd_notify import notify
+
+    cfg = load_config(args.config)
+    logging.getLogger().setLevel(cfg.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = EdgeAgent(cfg)
+    agent.start()
+    try:
+        agent.start_cameras()
+        notify("READY=1")
+        while not stop.wait(1.0):
+            agent.check()  # raises when the worker died: no more pings, systemd's watchdog restarts us
+            notify("WATCHDOG=1")
+        notify("STOPPING=1")
+    finally:
+        agent.stop()
+    return EXIT_OK
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_config
+    from models.engines import build_engines
+
+    cfg = load_config(args.config) if args.config else None
+    max_batch = cfg.models.max_batch if cfg else 32
+    max_side = cfg.models.detector.max_side if cfg else 640
+    for record in build_engines(precision=args.precision, max_batch=max_batch, max_side=max_side):
+        print(json.dumps(record), flush=True)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_agent.bench import BenchOptions, run_bench
+
+    report = run_bench(
+        BenchOptions(video=Path(args.video), backend=args.backend, threads=args.threads, seconds=args.seconds)
+    )
+    print(json.dumps(report.to_json()) if args.json else report.describe(), flush=True)
+    return EXIT_OK
+
+
+def cmd_make_video(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edge_agent.demo import plan_people
+    from edge_agent.videogen import VideoSpec, generate_video, load_people, plan_appearances
+
+    people = load_people(Path(args.people))
+    plan = plan_people(people, all_enrolled=False)
+    spec = VideoSpec(
+        plan_appearances(
+            {p: (*plan.enrolled.get(p, ()), photo) for p, photo in plan.shown.items()},
+            enrolled=sorted(plan.enrolled),
+            strangers=plan.strangers,
+            enrollment_photos=plan.enrolled,
+            seed=args.seed,
+        ),
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    with tqdm(total=spec.frame_count, unit="frame", desc="video", file=sys.stderr) as bar:
+        truth = generate_video(spec, out, progress=bar.update)
+    print(
+        json.dumps(
+            {
+                "video": str(out),
+                "frames": spec.frame_count,
+                "appearances": len(truth.appearances),
+                "enrolled": sorted(plan.enrolled),
+                "strangers": list(plan.strangers),
+                "enrollment_photos": {p: [str(x) for x in photos] for p, photos in plan.enrolled.items()},
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_agent.demo import DEMO_PEOPLE, DemoOptions, run_demo
+
+    result = run_demo(
+        DemoOptions(
+            people=Path(args.people) if args.people else DEMO_PEOPLE,
+            video=Path(args.video) if args.video else None,
+            broker=args.broker,
+            json=args.json,
+            workdir=Path(args.workdir) if args.workdir else None,
+            seed=args.seed,
+        )
+    )
+    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="faceattend edge agent (door camera)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="check a configuration file and the files it names")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("run", help="run the agent until SIGTERM / Ctrl-C")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("build-engines", help="build (or find cached) TensorRT engines on this device; idempotent")
+    p.add_argument("config", nargs="?", help="the agent's config (its batch and detector sizes)")
+    p.add_argument("--precision", choices=("fp16", "fp32", "int8"), default="fp16")
+    p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("bench", help="end-to-end fps, stage latencies and event latency on a video")
+    p.add_argument("video")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: the whole video)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("make-video", help="render a door-camera test video from a folder of photos per person")
+    p.add_argument("--people", required=True, help="one sub-folder of photos per person")
+    p.add_argument("--out", required=True, help="video file (.avi or .mp4); ground truth goes beside it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--fps", type=float, default=15.0)
+    p.set_defaults(func=cmd_make_video)
+
+    p = sub.add_parser("demo", help="the local demo: broker, server, enrollment, a video, this agent, a consumer")
+    p.add_argument("--people", help="one sub-folder of photos per person (default: the shipped demo photos)")
+    p.add_argument("--video", help="your own video instead of a generated one (everyone in --people is enrolled)")
+    p.add_argument("--broker", help="an mqtt:// URL of a running broker (default: an embedded one)")
+    p.add_argument("--json", action="store_true", help="print each received event as a JSON line")
+    p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder, removed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "run" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, ImageError, VideoGenError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FaceAttendError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
