@@ -16,6 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from enrollment_server import components as c
+from enrollment_server import provisioning
 from enrollment_server.config import ServerConfig, load_config
 from models.errors import FaceAttendError, MqttError
 
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.add_argument("--out", help="write to this file instead of stdout")
     add("serve", cmd_serve, "run the server: MQTT ingest, gallery publication, admin API", site=False)
+    provisioning.add_commands(sub)  # provision-device, broker-user, revoke-broker-user
     return parser
 
 

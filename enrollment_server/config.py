@@ -47,7 +47,7 @@ class ApiSection:
     host: str = "127.0.0.1"
     port: int = 8080
     # the admin token; taken from the environment variable FACEATTEND_ADMIN_TOKEN when this is empty
-    token: str = ""
+    token: str = field(default="", repr=False)  # never in logs or tracebacks
     max_upload_mib: int = 16
 
 
