@@ -96,10 +96,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edge_agent.bench import BenchOptions, run_bench
 
     report = run_bench(
-        BenchOptions(video=Path(args.video), backend=args.backend, threads=args.threads, seconds=args.seconds)
+        BenchOptions(
+            video=Path(args.video),
+            backend=args.backend,
+            threads=args.threads,
+            seconds=args.seconds,
+            people=Path(args.people) if args.people else None,
+            broker=args.broker,
+            pipeline_only=args.pipeline_only,
+        )
     )
     print(json.dumps(report.to_json()) if args.json else report.describe(), flush=True)
-    return EXIT_OK
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def cmd_make_video(args: argparse.Namespace) -> int:
@@ -180,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: the whole video)")
+    p.add_argument("--people", help="photos to enroll, one folder per person (default: the shipped demo photos)")
+    p.add_argument("--broker", help="an mqtt:// URL for the event pass (default: an embedded broker)")
+    p.add_argument("--pipeline-only", action="store_true", help="throughput only: no agent, broker or events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from models.contract import topics
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink
-from models.errors import ContractError, FaceAttendError
+from models.errors import ConfigError, ContractError, FaceAttendError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ def plan_people(people: dict[str, tuple[Path, ...]], *, all_enrolled: bool) -> P
         return PeoplePlan(dict(people), {}, ())
     enrolled = {p: photos[:-1] for p, photos in people.items() if len(photos) >= 2}
     if not enrolled:
-        raise DemoError("people: nobody has two photos; the demo enrolls people with at least two")
+        raise ConfigError(
+            "--people: nobody has two photos; people are enrolled from all but one photo and shown with the other"
+        )
     shown = {p: photos[-1] for p, photos in people.items()}
     strangers = tuple(sorted(p for p, photos in people.items() if len(photos) == 1))
     return PeoplePlan(enrolled, shown, strangers)
@@ -194,7 +196,7 @@ class Consumer:
 
 
 @contextmanager
-def _workdir(path: Path | None) -> Iterator[Path]:
+def workdir_for(path: Path | None) -> Iterator[Path]:
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
         yield path.resolve()
@@ -207,7 +209,7 @@ def _workdir(path: Path | None) -> Iterator[Path]:
 
 
 @contextmanager
-def _broker(url: str | None) -> Iterator[str]:
+def broker_url_for(url: str | None) -> Iterator[str]:
     if url is not None:
         yield url
         return
@@ -316,7 +318,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             line = event.to_json().decode("utf-8") if options.json else _format_event(event, latency)
             print(line, file=out, flush=True)
 
-    with _workdir(options.workdir) as workdir, _broker(options.broker) as broker_url:
+    with workdir_for(options.workdir) as workdir, broker_url_for(options.broker) as broker_url:
         say(f"broker {broker_url}; working folder {workdir}")
         server = ServerProcess(workdir, broker_url)
         server.run("init")

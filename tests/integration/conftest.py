@@ -28,8 +28,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from storedb import PG_ADMIN_URL, Db, pg_unreachable
 
+from edge_agent.videogen import load_people
 from enrollment_server.store import Store
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink, Will
+from models.pipeline import FacePipeline
 
 BROKER_START_TIMEOUT_S = 10.0
 # a 1 MiB gallery chunk plus topic and header; Mosquitto's default limit is far larger, but a deployment sets one
@@ -290,3 +292,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
             for broker in brokers:
                 if isinstance(broker, MosquittoBroker):
                     report.sections.append((f"mosquitto log (port {broker.port})", broker.log_text()[-20000:]))
+
+
+# ---- real faces: the development set and one pipeline per module ----
+
+DEV_FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[FacePipeline]:
+    pipe = FacePipeline.create()
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def people() -> dict[str, tuple[Path, ...]]:
+    """The development set, one entry per person (skips where ../shared is absent)."""
+    if not DEV_FACES.is_dir():
+        pytest.skip("the development face set (../shared/data/faces) is absent")
+    return load_people(DEV_FACES)

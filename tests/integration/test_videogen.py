@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -56,18 +55,6 @@ def read_frames(path: Path) -> list[np.ndarray]:
 
 def rgb(bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-@pytest.fixture(scope="module")
-def pipeline() -> Iterator[FacePipeline]:
-    pipe = FacePipeline.create()
-    yield pipe
-    pipe.close()
-
-
-@pytest.fixture(scope="module")
-def people() -> dict[str, tuple[Path, ...]]:
-    return load_people(FACES)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -23,7 +22,7 @@ from edge_agent.capture import CameraConfig, CameraSet
 from edge_agent.gallery_index import GalleryIndex, IndexHolder
 from edge_agent.recognizer import DecisionReason, TrackDecision
 from edge_agent.tracker import iou_matrix
-from edge_agent.videogen import GroundTruth, VideoSpec, generate_video, load_people, plan_appearances
+from edge_agent.videogen import GroundTruth, VideoSpec, generate_video, plan_appearances
 from edge_agent.worker import InferenceWorker, VideoRun, WorkerConfig, run_video
 from models.contract.gallery import Gallery, GalleryPerson
 from models.errors import BackendError
@@ -38,18 +37,6 @@ DISTRACTORS = ("Ben_Affleck", "Madonna", "Katy_Perry", "Elton_John", "Jerry_Sein
 SEED = 11
 
 pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
-
-
-@pytest.fixture(scope="module")
-def pipeline() -> Iterator[FacePipeline]:
-    pipe = FacePipeline.create()
-    yield pipe
-    pipe.close()
-
-
-@pytest.fixture(scope="module")
-def people() -> dict[str, tuple[Path, ...]]:
-    return load_people(FACES)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from detections import det
 
 from edge_agent.gallery_index import GalleryIndex
 from edge_agent.recognizer import (
@@ -38,21 +39,6 @@ DIM = 128
 FP = "dlib_resnet_v1-unit000000000000"
 WALL = datetime(2025, 1, 6, 8, 30, tzinfo=timezone.utc)
 FRAME = np.zeros((48, 64, 3), np.uint8)
-
-
-def det(x: float, y: float = 100.0, size: float = 100.0, score: float = 0.99) -> Detection:
-    s = size
-    return Detection(
-        bbox=(x, y, x + s, y + s),
-        score=score,
-        landmarks=(
-            (x + 0.3 * s, y + 0.4 * s),
-            (x + 0.7 * s, y + 0.4 * s),
-            (x + 0.5 * s, y + 0.6 * s),
-            (x + 0.35 * s, y + 0.8 * s),
-            (x + 0.65 * s, y + 0.8 * s),
-        ),
-    )
 
 
 # --- synthetic embeddings: people far apart (~1.1), samples at a chosen distance from their person -------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detections import det as face_box
 
 from edge_agent.tracker import EndReason, Tracker, TrackerConfig, greedy_match, iou_matrix
 from models.config import load_dataclass
@@ -17,19 +18,7 @@ FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 
 
 def det(x: float, y: float, size: float = 80.0, score: float = 0.99) -> Detection:
-    """A face box of `size` px with its top-left corner at (x, y) and plausible landmarks."""
-    s = size
-    return Detection(
-        bbox=(x, y, x + s, y + s),
-        score=score,
-        landmarks=(
-            (x + 0.3 * s, y + 0.4 * s),
-            (x + 0.7 * s, y + 0.4 * s),
-            (x + 0.5 * s, y + 0.6 * s),
-            (x + 0.35 * s, y + 0.8 * s),
-            (x + 0.65 * s, y + 0.8 * s),
-        ),
-    )
+    return face_box(x, y, size, score)
 
 
 def test_iou_matrix_and_greedy_match() -> None:
