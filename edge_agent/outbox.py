@@ -25,22 +25,21 @@ logged at ERROR and a new, empty outbox is started: the door keeps working. Othe
 file, a file written by a newer version) raise OutboxError and leave the file alone.
 
 One process owns an outbox file. An `Outbox` is thread-safe: one connection serialised by a lock (SQLite
-serialises writers anyway, and every operation is a short transaction).
+serialises writers anyway, and every operation is a short transaction). The file's handling (schema version, WAL,
+check at open, corruption) is edge_agent/sqlite_store.py's, shared with the style worker's queue.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from edge_agent.sqlite_store import SqliteStore, StoreSpec
 from models.contract import topics
 from models.contract.events import AttendanceEvent
 from models.errors import ConfigError, OutboxError, OutboxFullError
@@ -50,9 +49,6 @@ log = logging.getLogger(__name__)
 Overflow = Literal["drop_oldest", "refuse_new"]
 OVERFLOW_POLICIES: tuple[Overflow, ...] = ("drop_oldest", "refuse_new")
 
-_SCHEMA_VERSION = 1
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: an id is never reused, even after deleting the newest
@@ -68,6 +64,12 @@ _SCHEMA = (
 T = TypeVar("T")
 
 
+def _init_counters(conn: sqlite3.Connection, replaced: bool) -> None:
+    # a replaced file's seqs start at the current Unix time in ms: a gap, never a reuse (see the module docstring)
+    first_seq = int(time.time() * 1000) if replaced else 0
+    conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES ('next_seq', ?), ('dropped', 0)", (first_seq,))
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """One undelivered event as stored: publish `payload` on `topic`, then `delete([row_id])` on PUBACK."""
@@ -80,16 +82,24 @@ class OutboxItem:
     created: float  # Unix time of the put
 
 
-class Outbox:
+class Outbox(SqliteStore):
     """Open with `Outbox.open(path)`; `close()` (or `with`) at the end."""
 
+    _spec = StoreSpec(
+        name="outbox",
+        error=OutboxError,
+        log=log,
+        schema=_SCHEMA,
+        version=1,
+        synchronous="FULL",  # why FULL: see the module docstring
+        init=_init_counters,
+        lost="its undelivered events are lost",
+    )
+
     def __init__(self, conn: sqlite3.Connection, path: Path, max_events: int, overflow: Overflow) -> None:
-        self._conn = conn
-        self._path = path
+        super().__init__(conn, path)
         self._max_events = max_events
         self._overflow = overflow
-        self._lock = threading.Lock()
-        self._closed = False
         # cached: count(*) scans the table, too slow to run on every put of a full outbox; only this object
         # writes the file (one owner per file), so the cache stays exact
         self._depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -101,31 +111,9 @@ class Outbox:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"outbox: overflow {overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutboxError(f"outbox {path}: cannot create its directory: {exc}") from exc
-        try:
-            conn = _connect(path, first_seq=0)
-        except _CorruptFileError as exc:
-            aside = _move_aside(path)
-            log.error(
-                "outbox %s is corrupt (%s): moved aside to %s; its undelivered events are lost, starting empty",
-                path,
-                exc,
-                aside,
-            )
-            try:
-                conn = _connect(path, first_seq=int(time.time() * 1000))
-            except _CorruptFileError as again:
-                raise OutboxError(f"outbox {path}: a new outbox is unreadable too: {again}") from again
-        outbox = cls(conn, path, max_events, overflow)
+        outbox = cls(cls._open_connection(path), path, max_events, overflow)
         log.info("outbox %s opened: %d undelivered events, next seq %d", path, outbox.depth(), outbox.next_seq())
         return outbox
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     # ---- writing ----
 
@@ -141,7 +129,7 @@ class Outbox:
             _row_id, dropped = self._insert(conn, event)
             return (event, dropped), 1 - len(dropped)
 
-        event, dropped = self._write(work)
+        event, dropped = self._write_counted(work)
         self._after_insert(event, dropped)
         return event
 
@@ -158,7 +146,7 @@ class Outbox:
             row_id, dropped = self._insert(conn, event)
             return (row_id, dropped), 1 - len(dropped)
 
-        row_id, dropped = self._write(work)
+        row_id, dropped = self._write_counted(work)
         self._after_insert(event, dropped)
         return row_id
 
@@ -213,7 +201,7 @@ class Outbox:
             removed = conn.executemany("DELETE FROM outbox WHERE id = ?", ids).rowcount
             return removed, -removed
 
-        removed = self._write(work)
+        removed = self._write_counted(work)
         if removed:
             log.debug("outbox: %d delivered events removed (depth %d)", removed, self._depth)
         return removed
@@ -246,117 +234,15 @@ class Outbox:
         """Events dropped on overflow over the outbox's lifetime (persistent)."""
         return int(self._read("SELECT value FROM counters WHERE name = 'dropped'", ())[0][0])
 
-    # ---- lifecycle ----
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._conn.close()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
     # ---- internals ----
 
-    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple]:
-        with self._lock:
-            self._check_open()
-            try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self._path}: read failed: {exc}") from exc
+    def _write_counted(self, work: Callable[[sqlite3.Connection], tuple[T, int]]) -> T:
+        """`_write(work)` where `work` returns (result, change in depth): the change is applied to the cached depth
+        only once committed, still under the lock (the next `_insert` reads it)."""
+        return self._write(work, on_commit=self._add_depth)[0]
 
-    def _write(self, work: Callable[[sqlite3.Connection], tuple[T, int]]) -> T:
-        """Run `work(conn)` in one BEGIN IMMEDIATE ... COMMIT under the lock; it returns (result, change in
-        depth), applied to the cached depth only once committed."""
-        with self._lock:
-            self._check_open()
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result, delta = work(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self._path}: write failed: {exc}") from exc
-            self._depth += delta
-            return result
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise OutboxError(f"outbox {self._path} is closed")
-
-
-class _CorruptFileError(Exception):
-    """Internal: the file is not a readable SQLite database (handled by moving it aside)."""
-
-
-def _connect(path: Path, *, first_seq: int) -> sqlite3.Connection:
-    # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write lock up front);
-    # check_same_thread=False: the Outbox's lock serialises every use of the one connection
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-    try:
-        # the first statements read the header and the schema: a file that is not a database fails here
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > _SCHEMA_VERSION:
-            raise OutboxError(
-                f"outbox {path} has schema version {version}; this program knows {_SCHEMA_VERSION}: "
-                "it was written by a newer version and is left untouched"
-            )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # why FULL: see the module docstring
-        # quick_check reads every page (tens of ms for a full outbox, once per start): corruption found now is
-        # handled by starting afresh; found later it would fail every put
-        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
-        if problems != ["ok"]:
-            raise _CorruptFileError("quick_check: " + "; ".join(problems))
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES ('next_seq', ?), ('dropped', 0)", (first_seq,)
-        )
-        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        if _is_corruption(exc):
-            raise _CorruptFileError(str(exc)) from exc
-        raise OutboxError(f"outbox {path}: cannot open: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)  # primary code of an extended one
-    text = str(exc)
-    return "malformed" in text or "not a database" in text
-
-
-def _move_aside(path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    try:
-        for suffix in ("", "-wal", "-shm"):  # a stale WAL beside a new database would be wrong to keep
-            src = Path(f"{path}{suffix}")
-            if src.exists():
-                os.replace(src, f"{aside}{suffix}")
-    except OSError as exc:
-        raise OutboxError(f"outbox {path} is corrupt and cannot be moved aside: {exc}") from exc
-    return aside
+    def _add_depth(self, outcome: tuple[object, int]) -> None:
+        self._depth += outcome[1]
 
 
 def _counter(conn: sqlite3.Connection, name: str) -> int:

@@ -89,6 +89,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 
+from edge_agent.sqlite_store import SqliteStore, StoreSpec
 from models.cache import atomic_write_bytes
 from models.contract import timestamps, topics
 from models.contract.stylized import STYLE_NAME, StylizedSnapshot, valid_style_name
@@ -112,9 +113,6 @@ INIT_TIMEOUT_S = 1800.0  # a painter process loading its models (a TensorRT engi
 DEFAULT_QUEUE_NAME = "style-queue.db"
 MODEL_ID_CHARS = 16  # hex digits of the ONNX file's sha256 in the follow-up message's `model`
 
-_SCHEMA_VERSION = 1
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -277,52 +275,41 @@ class StyleMessage:
     payload: bytes
 
 
-class StyleQueue:
+def _init_counters(conn: sqlite3.Connection, _replaced: bool) -> None:
+    conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(c,) for c in _COUNTERS])
+
+
+class StyleQueue(SqliteStore):
     """Open with `StyleQueue.open(path)`; thread-safe (one connection behind a lock); `close()` at the end.
 
     Jobs: `enqueue` (idempotent while the event is queued) -> `next` -> `begin` -> `mark_style` per style ->
     `done`, or `fail`. Messages: `mark_style` stores one with its style's result -> `messages` -> `delivered`.
     Counters (`done`, `failed`, `dropped`, `messages_dropped`) persist with the file."""
 
+    _spec = StoreSpec(
+        name="style queue",
+        error=StyleQueueError,
+        log=log,
+        schema=_SCHEMA,
+        version=1,
+        synchronous="NORMAL",  # why NORMAL: see the module docstring
+        init=_init_counters,
+        lost="its waiting snapshots and messages are forgotten (the snapshots themselves are untouched)",
+    )
+
     def __init__(self, conn: sqlite3.Connection, path: Path, max_jobs: int, max_messages: int) -> None:
-        self._conn = conn
-        self._path = path
+        super().__init__(conn, path)
         self._max_jobs = max_jobs
         self._max_messages = max_messages
-        self._lock = threading.Lock()
-        self._closed = False
 
     @classmethod
     def open(cls, path: str | Path, *, max_jobs: int = 1000, max_messages: int | None = None) -> StyleQueue:
         if max_jobs < 1 or (max_messages is not None and max_messages < 1):
             raise ConfigError(f"style queue: max_jobs and max_messages must be >= 1, got {max_jobs}, {max_messages}")
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StyleQueueError(f"style queue {path}: cannot create its directory: {exc}") from exc
-        try:
-            conn = _connect(path)
-        except _CorruptFileError as exc:
-            aside = _move_aside(path)
-            log.error(
-                "style queue %s is corrupt (%s): moved aside to %s; its waiting snapshots and messages are "
-                "forgotten (the snapshots themselves are untouched), starting empty",
-                path,
-                exc,
-                aside,
-            )
-            try:
-                conn = _connect(path)
-            except _CorruptFileError as again:
-                raise StyleQueueError(f"style queue {path}: a new queue is unreadable too: {again}") from again
-        queue = cls(conn, path, max_jobs, max_messages if max_messages is not None else max_jobs)
+        queue = cls(cls._open_connection(path), path, max_jobs, max_messages if max_messages is not None else max_jobs)
         log.info("style queue %s opened: %d snapshots waiting, %d messages", path, queue.depth(), queue.backlog())
         return queue
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     # ---- jobs ----
 
@@ -374,18 +361,18 @@ class StyleQueue:
         """Record that a worker starts the job (committed before any work); returns its attempts so far, this
         one included (0 when the job is gone)."""
 
-        def work(conn: sqlite3.Connection) -> tuple[int, None]:
+        def work(conn: sqlite3.Connection) -> int:
             conn.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
             row = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return (int(row[0]) if row else 0), None
+            return int(row[0]) if row else 0
 
-        return self._write(work)[0]
+        return self._write(work)
 
     def mark_style(self, job_id: int, message: StylizedSnapshot) -> None:
         """One style of the job is written: its follow-up message is stored (replacing an undelivered one for the
         same event and style) and the style is recorded as done, in one transaction."""
 
-        def work(conn: sqlite3.Connection) -> tuple[list[str], None]:
+        def work(conn: sqlite3.Connection) -> list[str]:
             dropped = self._make_room(conn)
             conn.execute(
                 "INSERT OR REPLACE INTO messages (event_id, style, payload, created) VALUES (?, ?, ?, ?)",
@@ -395,9 +382,9 @@ class StyleQueue:
             if row is not None:
                 done = {s for s in row[0].split(",") if s} | {message.style}
                 conn.execute("UPDATE jobs SET styles_done = ? WHERE id = ?", (",".join(sorted(done)), job_id))
-            return dropped, None
+            return dropped
 
-        dropped = self._write(work)[0]
+        dropped = self._write(work)
         if dropped:
             log.warning(
                 "style queue: %d undelivered follow-up messages dropped (limit %d; their images stay): %s",
@@ -424,13 +411,13 @@ class StyleQueue:
         return self._finish(job_id, "failed")
 
     def _finish(self, job_id: int, counter: str) -> bool:
-        def work(conn: sqlite3.Connection) -> tuple[bool, None]:
+        def work(conn: sqlite3.Connection) -> bool:
             removed = conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
             if removed:
                 _bump(conn, counter, 1)
-            return bool(removed), None
+            return bool(removed)
 
-        return self._write(work)[0]
+        return self._write(work)
 
     # ---- messages ----
 
@@ -446,7 +433,7 @@ class StyleQueue:
         ids = [(int(i),) for i in message_ids]
         if not ids:
             return 0
-        return self._write(lambda conn: (conn.executemany("DELETE FROM messages WHERE id = ?", ids).rowcount, None))[0]
+        return self._write(lambda conn: conn.executemany("DELETE FROM messages WHERE id = ?", ids).rowcount)
 
     # ---- figures ----
 
@@ -461,105 +448,6 @@ class StyleQueue:
     def counters(self) -> dict[str, int]:
         """Persistent: jobs `done`, `failed`, `dropped` on overflow; `messages_dropped` on overflow."""
         return {name: int(value) for name, value in self._read("SELECT name, value FROM counters", ())}
-
-    # ---- lifecycle ----
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
-
-    def __enter__(self) -> StyleQueue:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple]:
-        with self._lock:
-            self._check_open()
-            try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise StyleQueueError(f"style queue {self._path}: read failed: {exc}") from exc
-
-    def _write(self, work: Callable[[sqlite3.Connection], tuple[Any, Any]]) -> tuple[Any, Any]:
-        with self._lock:
-            self._check_open()
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = work(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StyleQueueError(f"style queue {self._path}: write failed: {exc}") from exc
-            return result
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StyleQueueError(f"style queue {self._path} is closed")
-
-
-class _CorruptFileError(Exception):
-    """Internal: the file is not a readable SQLite database (handled by moving it aside)."""
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-    try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > _SCHEMA_VERSION:
-            raise StyleQueueError(
-                f"style queue {path} has schema version {version}; this program knows {_SCHEMA_VERSION}: "
-                "it was written by a newer version and is left untouched"
-            )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # why NORMAL: see the module docstring
-        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
-        if problems != ["ok"]:
-            raise _CorruptFileError("quick_check: " + "; ".join(problems))
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(c,) for c in _COUNTERS])
-        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        if _is_corruption(exc):
-            raise _CorruptFileError(str(exc)) from exc
-        raise StyleQueueError(f"style queue {path}: cannot open: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(exc)
-    return "malformed" in text or "not a database" in text
-
-
-def _move_aside(path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    try:
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{path}{suffix}")
-            if src.exists():
-                os.replace(src, f"{aside}{suffix}")
-    except OSError as exc:
-        raise StyleQueueError(f"style queue {path} is corrupt and cannot be moved aside: {exc}") from exc
-    return aside
 
 
 def _count(conn: sqlite3.Connection, table: str) -> int:
