@@ -217,7 +217,7 @@ def test_an_enrolled_person_is_decided_early_once_and_then_only_followed() -> No
     assert d.reason is DecisionReason.ACCEPTED and d.trigger is Trigger.EVIDENCE and d.samples == 3
     assert d.distance == pytest.approx(0.35, abs=1e-5)
     assert d.margin is not None and d.margin > 0.5
-    assert (d.threshold, d.rule, d.gallery_version, d.fingerprint) == (0.55, "distance", 1, FP)
+    assert (d.threshold, d.rule, d.gallery_version, d.fingerprint) == (0.55, "margin", 1, FP)
     assert d.first_seen_ts == 0.0 and d.decided_ts == pytest.approx(decided_at / 15)
     # the wall time of the first (tentative) frame, one frame before the confirming one
     assert d.first_seen_wall == WALL - timedelta(seconds=1 / 15) and d.decided_wall == WALL
@@ -379,7 +379,7 @@ def test_config_errors_name_the_key(values: dict, message: str) -> None:
 def test_config_loads_strictly() -> None:
     cfg = load_dataclass(RecognitionConfig, {"max_encodes": 4, "pitch_range": [0.2, 1.0]}, "recognition")
     assert cfg.max_encodes == 4 and cfg.pitch_range == (0.2, 1.0)
-    assert DecisionRule.distance(0.55) == DEFAULT_RULE
+    assert DecisionRule.margin(0.05, max_distance=0.55) == DEFAULT_RULE
     # the rule lives in the config's top-level `decision` section (what `model-tool calibrate` writes), not here
     with pytest.raises(ConfigError, match=r"recognition\.decision: unknown key"):
         load_dataclass(RecognitionConfig, {"decision": {"rule": "ratio", "threshold": 0.75}}, "recognition")
