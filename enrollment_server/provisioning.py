@@ -427,6 +427,7 @@ def render_edge_config(
             f"  url: {q(broker_url)}  # the username is the device id; the broker forces it as client id",
             f"  password_file: {BUNDLE_PASSWORD}",
             f"  ca_file: {BUNDLE_CA}",
+            '  protocol: "5"  # a publish the ACL refuses is then refused out loud and stays in the outbox',
             "gallery:",
             f"  public_key: {BUNDLE_PUBLIC_KEY}  # the enrollment server's gallery signing key (public half)",
             "models:",
