@@ -76,7 +76,13 @@ def check_files(cfg: EdgeConfig) -> Verifier:
 
 def mqtt_config(cfg: EdgeConfig) -> MqttConfig:
     m = cfg.mqtt
-    options: dict[str, Any] = {"client_id": cfg.client_id, "keepalive": m.keepalive, "protocol": m.protocol}
+    options: dict[str, Any] = {
+        "client_id": cfg.client_id,
+        "keepalive": m.keepalive,
+        "protocol": m.protocol,
+        "reconnect_min_delay": m.reconnect_min_s,
+        "reconnect_max_delay": m.reconnect_max_s,
+    }
     for key in ("ca_file", "cert_file", "key_file"):
         if getattr(m, key) is not None:
             options[key] = str(getattr(m, key))
@@ -222,6 +228,16 @@ class EdgeAgent:
 
     def _idle_for_style(self) -> bool:
         return self.worker.idle().quiet_for(self.cfg.style.idle_after_s)
+
+    def wait_for_gallery(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a gallery to be in service (at once when the saved one is); True if one is."""
+        deadline = time.monotonic() + timeout
+        while self.gallery_version() is None:
+            if time.monotonic() >= deadline:
+                log.warning("no gallery after %.0f s: every face is unknown until one arrives", timeout)
+                return False
+            time.sleep(0.1)
+        return True
 
     def start_cameras(self) -> None:
         self.cameras.start()

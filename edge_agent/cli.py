@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = EdgeAgent(cfg)
     agent.start()
     try:
+        agent.wait_for_gallery(cfg.gallery.wait_at_start_s)
         agent.start_cameras()
         notify("READY=1")
         while not stop.wait(1.0):

@@ -9,6 +9,7 @@ places under `state_dir`: `outbox.db`, `gallery/`, `snapshots/` (the style queue
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,8 @@ class MqttSection:
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive: int = 30
+    reconnect_min_s: int = 1  # paho's reconnect backoff: doubles from min to max while the broker is away
+    reconnect_max_s: int = 30
     # "5" makes the broker say when it refuses a publish (an ACL mistake): the event stays in the outbox instead of
     # being acknowledged and dropped as MQTT 3.1.1 does; the embedded demo broker speaks 3.1.1 only
     protocol: Literal["3.1.1", "5"] = "3.1.1"
@@ -50,6 +53,11 @@ class MqttSection:
     def __post_init__(self) -> None:
         if not 5 <= self.keepalive <= 65535:
             raise ConfigError(f"mqtt.keepalive: must be in [5, 65535] seconds, got {self.keepalive}")
+        if not 1 <= self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError(
+                f"mqtt.reconnect_min_s / reconnect_max_s: need 1 <= min <= max, got {self.reconnect_min_s} / "
+                f"{self.reconnect_max_s}"
+            )
         if urlsplit(self.url).password is not None:
             raise ConfigError("mqtt.url: must not carry a password (put it in the file named by mqtt.password_file)")
 
@@ -58,7 +66,14 @@ class MqttSection:
 class GallerySection:
     public_key: Path | None = None  # the enrollment server's gallery signing key, public half (PEM)
     store_dir: Path | None = None  # the last good gallery, used at start-up when the broker is unreachable
+    # `edge-agent run` without a saved gallery (a device's first start) waits this long for the retained one before
+    # the cameras start, so the first visitors are not all decided against an empty gallery
+    wait_at_start_s: float = 30.0
     index: IndexParams = field(default_factory=IndexParams)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.wait_at_start_s) and self.wait_at_start_s >= 0):
+            raise ConfigError(f"gallery.wait_at_start_s: must be a finite number >= 0, got {self.wait_at_start_s!r}")
 
 
 @dataclass(frozen=True)

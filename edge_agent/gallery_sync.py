@@ -254,9 +254,12 @@ class GallerySync:
         except GalleryIndexError as exc:
             self._refused(gallery.version, exc)
             return
-        old = self._holder.swap(index)
-        swapped = time.perf_counter()
+        built = time.perf_counter()
+        # on disk before in service: a crash between the two must never leave an older saved gallery (which may
+        # hold people this version removed) behind a version that was already reported as applied
         self._save(gallery)
+        saved = time.perf_counter()
+        old = self._holder.swap(index)
         with self._status_lock:
             self._last_applied_at = timestamps.utc_now()
         self._last_error_ack = None  # after a good version, a recurring refusal is news again
@@ -267,8 +270,8 @@ class GallerySync:
             index.people,
             index.templates,
             old.version if old is not None else "-",
-            swapped - started,
-            time.perf_counter() - swapped,
+            built - started,
+            saved - built,
         )
         if self._on_applied is not None:
             try:

@@ -89,6 +89,8 @@ def test_absolute_paths_and_network_sources_are_kept(site: Path, tmp_path: Path)
         ({"mqtt": {"url": "mqtt://door:pw@broker:1883"}}, r"mqtt\.url: must not carry a password"),
         ({"mqtt": {"keepalive": 1}}, r"mqtt\.keepalive: must be in \[5, 65535\]"),
         ({"mqtt": {"protocol": "3"}}, r"mqtt\.protocol: expected one of"),
+        ({"mqtt": {"reconnect_min_s": 10, "reconnect_max_s": 5}}, r"mqtt\.reconnect_min_s / reconnect_max_s"),
+        ({"gallery": {"public_key": "k.pem", "wait_at_start_s": -1}}, r"gallery\.wait_at_start_s: must be"),
         ({"outbox": {"max_events": 0}}, r"outbox\.max_events: must be >= 1"),
         ({"outbox": {"overflow": "block"}}, r"outbox\.overflow: expected one of"),
         ({"attendance": {"window_s": -1}}, r"attendance\.window_s"),
@@ -132,11 +134,13 @@ def test_mqtt_settings_take_the_password_from_its_file(site: Path) -> None:
             "password_file": "broker.password",
             "ca_file": "ca.pem",
             "protocol": "5",
+            "reconnect_max_s": 10,
         }
     }
     m = mqtt_config(config_from_dict(data, site))
     assert (m.host, m.port, m.tls, m.username, m.password) == ("broker.example", 8883, True, "door-1", "s3cret")
     assert m.ca_file == str(site / "ca.pem") and m.client_id == "door-1" and m.protocol == "5"
+    assert (m.reconnect_min_delay, m.reconnect_max_delay) == (1, 10)
     assert "s3cret" not in repr(m)
     no_user = minimal() | {"mqtt": {"password_file": "broker.password"}}
     with pytest.raises(ConfigError, match=r"mqtt\.password_file: needs a username"):
