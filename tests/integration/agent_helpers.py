@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import yaml
 from conftest import FAST_RECONNECT, free_port
+from mjpeg import MjpegServer
 from waiting import wait_until
 
 from edge_agent.demo import DEMO_PEOPLE
@@ -282,73 +283,17 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
 # --- a network camera -----------------------------------------------------------------------------------------------
 
 
-class MjpegServer:
-    """A network camera: the frames of a video file, looped at `fps`, as multipart/x-mixed-replace JPEG over HTTP on
-    127.0.0.1. `stop()` closes the listener and every open stream (the camera sees its source vanish); `start()`
-    again serves on the same port."""
+def video_camera(video: Path, fps: float = 15.0) -> MjpegServer:
+    """A network camera streaming the frames of a video file, looped at `fps`."""
+    import cv2
 
-    def __init__(self, video: Path, fps: float = 15.0) -> None:
-        import cv2
-
-        cap = cv2.VideoCapture(str(video))
-        self._jpegs: list[bytes] = []
-        while True:
-            ok, image = cap.read()
-            if not ok:
-                break
-            self._jpegs.append(cv2.imencode(".jpg", image)[1].tobytes())
-        cap.release()
-        assert self._jpegs, f"no frames in {video}"
-        self.period = 1.0 / fps
-        self.port = 0
-        self.sent = 0
-        self.connections = 0
-        self._server: Any = None
-        self._stopping = threading.Event()
-
-    def start(self) -> None:
-        import http.server
-        import socketserver
-
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                owner.connections += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                try:
-                    i = 0
-                    while not owner._stopping.is_set():
-                        jpeg = owner._jpegs[i % len(owner._jpegs)]
-                        head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                        self.wfile.write(head.encode() + jpeg + b"\r\n")
-                        owner.sent += 1
-                        i += 1
-                        owner._stopping.wait(owner.period)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._stopping.clear()
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._stopping.set()
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/door.mjpg"
+    cap = cv2.VideoCapture(str(video))
+    jpegs: list[bytes] = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        jpegs.append(cv2.imencode(".jpg", image)[1].tobytes())
+    cap.release()
+    assert jpegs, f"no frames in {video}"
+    return MjpegServer(lambda i: jpegs[i % len(jpegs)], period=1.0 / fps, path="/door.mjpg")

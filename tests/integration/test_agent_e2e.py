@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_helpers import (
-    MjpegServer,
     Server,
     Tap,
     door_walk_ins,
@@ -42,6 +41,7 @@ from agent_helpers import (
     repeated,
     side_by_side,
     stage,
+    video_camera,
     write_config,
 )
 from conftest import MosquittoBroker, mosquitto_binary
@@ -730,7 +730,7 @@ def test_a_network_camera_that_disappears_is_reconnected_and_recognition_goes_on
     world: World, agents, tmp_path: Path
 ) -> None:
     device = "door-mjpeg"
-    camera = MjpegServer(world.clip.path)
+    camera = video_camera(world.clip.path)
     camera.start()
     try:
         cam = {"name": "door", "source": camera.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}

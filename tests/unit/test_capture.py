@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import os
-import socketserver
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -15,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from mjpeg import MjpegServer
 
 from edge_agent.capture import (
     Camera,
@@ -298,61 +296,10 @@ def test_latest_before_start_is_none_at_once(video: Path) -> None:
     assert time.monotonic() - started < 0.5
 
 
-class MjpegServer:
-    """multipart/x-mixed-replace JPEG stream on 127.0.0.1, stoppable mid-stream and restartable on the same port."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.sent = 0
-        self._server: socketserver.ThreadingTCPServer | None = None
-        self._stopping = threading.Event()
-
-    def start(self) -> None:
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                try:
-                    while not owner._stopping.is_set():
-                        _, jpeg = cv2.imencode(".jpg", draw_index(owner.sent % 1024))
-                        head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                        self.wfile.write(head.encode() + jpeg.tobytes() + b"\r\n")
-                        owner.sent += 1
-                        time.sleep(0.02)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._stopping.clear()
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        """Close the listener and end every open stream (the clients see the connection close)."""
-        if self._server is not None:
-            self._stopping.set()
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/stream.mjpg"
-
-
 @pytest.fixture
 def mjpeg_server() -> Iterator[MjpegServer]:
-    server = MjpegServer()
+    # each frame shows its number, so a test can tell fresh frames from repeated ones
+    server = MjpegServer(lambda i: cv2.imencode(".jpg", draw_index(i % 1024))[1].tobytes(), period=0.02)
     server.start()
     yield server
     server.stop()
