@@ -231,6 +231,16 @@ def check_topic_filter(topic_filter: str) -> str:
     return topic_filter
 
 
+def _not_the_stop_race(record: logging.LogRecord) -> bool:
+    # paho's network thread makes one more pass after disconnect() closed the socket and logs that pass at ERROR
+    # ("Client is not connected ..."); a real connection loss is reported by our own on_disconnect instead
+    return not record.getMessage().startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(__name__ + ".paho")
+_PAHO_LOG.addFilter(_not_the_stop_race)
+
+
 class PahoMqttLink(MqttLink):
     def __init__(self, config: MqttConfig, *, will: Will | None = None) -> None:
         self._config = config
@@ -263,7 +273,7 @@ class PahoMqttLink(MqttLink):
             # MQTT 5 expresses the session through clean_start + session expiry at connect time instead
             clean_session=None if v5 else cfg.clean_session,
         )
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.enable_logger(_PAHO_LOG)
         client.suppress_exceptions = True  # a bug in a callback of ours must not end the network thread
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)

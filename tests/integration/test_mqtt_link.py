@@ -4,6 +4,7 @@ restart."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import subprocess
 import sys
@@ -333,3 +334,11 @@ def test_publishes_racing_a_broker_crash_are_resent(mosquitto, links):
     time.sleep(0.3)
     assert pub.publish(topics.edge_events("door-1"), b"after").wait(5.0)
     assert inbox.get().payload == b"after"
+
+
+def test_paho_stop_race_line_is_dropped_but_other_paho_errors_are_kept(caplog: pytest.LogCaptureFixture) -> None:
+    paho_log = logging.getLogger("models.contract.mqtt_link.paho")
+    with caplog.at_level(logging.ERROR, logger=paho_log.name):
+        paho_log.error("Client is not connected. Socket: None). Last known Connection State: MQTT_CS_DISCONNECTED")
+        paho_log.error("failed to receive on socket: [Errno 104] Connection reset by peer")
+    assert [r.getMessage()[:25] for r in caplog.records] == ["failed to receive on sock"]
