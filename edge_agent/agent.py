@@ -21,12 +21,13 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge_agent.attendance import AttendanceGate
 from edge_agent.capture import CameraSet
 from edge_agent.config import EdgeConfig
 from edge_agent.event_publisher import EventPublisher
-from edge_agent.gallery_index import GalleryIndex, IndexHolder
+from edge_agent.gallery_index import IndexHolder
 from edge_agent.gallery_sync import GallerySync
 from edge_agent.latency import LatencyEma
 from edge_agent.metrics import MetricsServer
@@ -39,7 +40,7 @@ from models.contract.events import new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 from models.contract.signing import Verifier
 from models.contract.timestamps import format_utc
-from models.errors import ConfigError, FaceAttendError, OutboxFullError, SnapshotError
+from models.errors import ConfigError, FaceAttendError, OutboxFullError
 from models.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,29 @@ def mqtt_config(cfg: EdgeConfig) -> MqttConfig:
     for key in ("ca_file", "cert_file", "key_file"):
         if getattr(m, key) is not None:
             options[key] = str(getattr(m, key))
-    config = MqttConfig.from_url(m.url, **options)
     if m.password_file is not None:
-        if config.username is None:
+        if urlsplit(m.url).username is None:
             raise ConfigError("mqtt.password_file: needs a username in mqtt.url (mqtt://USER@host)")
         try:
-            password = m.password_file.read_text(encoding="utf-8").strip()
+            options["password"] = m.password_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"mqtt.password_file: cannot read {m.password_file}: {exc}") from exc
-        config = MqttConfig.from_url(m.url, password=password, **options)
-    return config
+    return MqttConfig.from_url(m.url, **options)
+
+
+# No new frames, then no new decisions (the worker decides live tracks into the outbox), the painter, then the
+# publisher drains, `stopped` goes out and the gallery subscription ends while the connection is still up.
+_STOP_ORDER = (
+    "cameras",
+    "inference worker",
+    "style worker",
+    "event publisher",
+    "status",
+    "gallery sync",
+    "metrics",
+    "mqtt link",
+    "outbox",
+)
 
 
 class EdgeAgent:
@@ -117,7 +131,7 @@ class EdgeAgent:
         self.holder = IndexHolder()
         self.snapshots: SnapshotStore | None = None
         self.gate = AttendanceGate(cfg.attendance)
-        self._parts: list[tuple[str, Any]] = []  # started parts, stopped in reverse order
+        self._parts: dict[str, Any] = {}  # started parts by name, stopped in _STOP_ORDER
 
     # ---- lifecycle ----
 
@@ -146,7 +160,7 @@ class EdgeAgent:
         self.pipeline = FacePipeline.create(cfg.models)
         fingerprint = self.pipeline.fingerprint
         self.outbox = Outbox.open(cfg.outbox_path, max_events=cfg.outbox.max_events, overflow=cfg.outbox.overflow)
-        self._parts.append(("outbox", self.outbox))
+        self._parts["outbox"] = self.outbox
         if cfg.snapshots.mode != "off":
             self.snapshots = SnapshotStore(cfg.snapshots)
         self.link = PahoMqttLink(
@@ -170,7 +184,7 @@ class EdgeAgent:
             fingerprint,
             self.holder,
             cfg.gallery_dir,
-            on_applied=self._gallery_applied,
+            on_applied=lambda _index: self.status.poke(),  # GallerySync logs the new version itself
             params=cfg.gallery.index,
         )
         self.publisher = EventPublisher(self.outbox, self.link)
@@ -193,20 +207,20 @@ class EdgeAgent:
         self.style = self._make_style_worker()
         # the saved gallery first (works with the broker down), then the network, then the models
         self.sync.start()
-        self._parts.append(("gallery sync", self.sync))
+        self._parts["gallery sync"] = self.sync
         self.publisher.start()
-        self._parts.append(("event publisher", self.publisher))
+        self._parts["event publisher"] = self.publisher
         self.status.start()
-        self._parts.append(("status", self.status))
+        self._parts["status"] = self.status
         self.link.start()
-        self._parts.append(("mqtt link", self.link))
+        self._parts["mqtt link"] = self.link
         self.metrics.start()
-        self._parts.append(("metrics", self.metrics))
+        self._parts["metrics"] = self.metrics
         self.worker.start()
-        self._parts.append(("inference worker", self.worker))
+        self._parts["inference worker"] = self.worker
         if self.style is not None:
             self.style.start()
-            self._parts.append(("style worker", self.style))
+            self._parts["style worker"] = self.style
         self.worker.wait_ready(120.0)
 
     def _make_style_worker(self) -> Any:
@@ -241,23 +255,17 @@ class EdgeAgent:
 
     def start_cameras(self) -> None:
         self.cameras.start()
-        self._parts.append(("cameras", self.cameras))
+        self._parts["cameras"] = self.cameras
 
     def stop(self) -> None:
-        """Stop every part that started, newest first; never raises (each failure is logged)."""
+        """Stop every part that started, in `_STOP_ORDER`; never raises (each failure is logged)."""
         if self._stopped:
             return
         self._stopped = True
-        order = {
-            "cameras": 0,
-            "inference worker": 1,
-            "style worker": 2,
-            "event publisher": 3,
-            "status": 4,
-            "gallery sync": 5,
-        }
-        parts = sorted(reversed(self._parts), key=lambda p: order.get(p[0], 10))
-        for name, part in parts:
+        for name in _STOP_ORDER:
+            part = self._parts.pop(name, None)
+            if part is None:
+                continue
             try:
                 if name == "outbox":
                     part.close()
@@ -265,7 +273,6 @@ class EdgeAgent:
                     part.stop()
             except Exception:
                 log.exception("stopping %s failed", name)
-        self._parts.clear()
         if self.pipeline is not None:
             self.pipeline.close()
         log.info("edge agent stopped (%d events this run, %d undelivered kept)", self._events, self.outbox_depth())
@@ -286,7 +293,7 @@ class EdgeAgent:
         if self.snapshots is not None:
             try:
                 snapshot = self.snapshots.save(event_id, d.frame, d.bbox, at=d.decided_wall)
-            except (SnapshotError, FaceAttendError) as exc:  # the event matters more than its picture
+            except FaceAttendError as exc:  # SnapshotError, ImageError: the event matters more than its picture
                 with self._lock:
                     self._snapshot_failures += 1
                 log.error("event %s: snapshot not stored: %s", event_id, exc)
@@ -334,10 +341,6 @@ class EdgeAgent:
         if self.style is not None and snapshot is not None:
             self.style.enqueue(event.event_id, snapshot)
 
-    def _gallery_applied(self, index: GalleryIndex) -> None:
-        log.info("gallery v%d in service: %d people, %d templates", index.version, index.people, index.templates)
-        self.status.poke()
-
     # ---- figures ----
 
     def gallery_version(self) -> int | None:
@@ -352,9 +355,8 @@ class EdgeAgent:
         return self.worker.wait_sources_ended(timeout)
 
     def health(self) -> dict[str, Any]:
-        index = self.holder.current
-        sync = self.sync.status()
-        publisher = self.publisher.stats()
+        sync = dataclasses.asdict(self.sync.status())
+        publisher = dataclasses.asdict(self.publisher.stats())  # reads the outbox's depth and oldest age once
         with self._lock:
             events, failed, snapshot_failures = self._events, self._events_failed, self._snapshot_failures
         out: dict[str, Any] = {
@@ -366,16 +368,16 @@ class EdgeAgent:
                 "first_frame_to_outbox": self._latency.figures(),
             },
             "outbox": {
-                "depth": self.outbox_depth(),
-                "oldest_age_s": self.outbox.oldest_age_s() if self.outbox else 0.0,
+                "depth": publisher.pop("depth"),
+                "oldest_age_s": publisher.pop("oldest_age_s"),
                 "dropped_total": self.outbox.dropped() if self.outbox else 0,
             },
-            "publisher": dataclasses.asdict(publisher),
+            "publisher": publisher,
             "gallery": {
-                "version": -1 if index is None else index.version,
-                "people": 0 if index is None else index.people,
-                "templates": 0 if index is None else index.templates,
-                "sync": dataclasses.asdict(sync),
+                "version": -1 if (version := sync.pop("version")) is None else version,
+                "people": sync.pop("people"),
+                "templates": sync.pop("templates"),
+                "sync": sync,
             },
             "attendance": dataclasses.asdict(self.gate.stats()),
             "mqtt_connected": self.link.is_connected(),

@@ -49,7 +49,7 @@ import resource
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.tracker import iou_matrix
 from models.errors import ConfigError, FaceAttendError
 from models.pipeline import FacePipeline, PipelineConfig
 
@@ -691,14 +692,6 @@ class _AgentProbe:
         agent.cameras.next_frame = frame
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _owner(d: _Decided, probe: _AgentProbe, truth: Any) -> Any:
     """The ground-truth appearance whose face the decision's best box covers, on its best frame; None if none."""
     position = probe.positions.get(d.frame_ts)
@@ -708,7 +701,7 @@ def _owner(d: _Decided, probe: _AgentProbe, truth: Any) -> Any:
     best, who = 0.0, None
     for index in (frame - 1, frame, frame + 1):
         for appearance, box in truth.faces_at(index):
-            overlap = _iou(d.bbox, box.box)
+            overlap = float(iou_matrix(np.array([d.bbox]), np.array([box.box]))[0, 0])
             if overlap > best:
                 best, who = overlap, appearance
     return who if best >= MIN_IOU else None

@@ -112,34 +112,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_video(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from edge_agent.demo import make_video, plan_people
+    from edge_agent.videogen import load_people
 
-    from edge_agent.demo import plan_people
-    from edge_agent.videogen import VideoSpec, generate_video, load_people, plan_appearances
-
-    people = load_people(Path(args.people))
-    plan = plan_people(people, all_enrolled=False)
-    spec = VideoSpec(
-        plan_appearances(
-            {p: (*plan.enrolled.get(p, ()), photo) for p, photo in plan.shown.items()},
-            enrolled=sorted(plan.enrolled),
-            strangers=plan.strangers,
-            enrollment_photos=plan.enrolled,
-            seed=args.seed,
-        ),
-        width=args.width,
-        height=args.height,
-        fps=args.fps,
-        seed=args.seed,
-    )
+    plan = plan_people(load_people(Path(args.people)), all_enrolled=False)
     out = Path(args.out)
-    with tqdm(total=spec.frame_count, unit="frame", desc="video", file=sys.stderr) as bar:
-        truth = generate_video(spec, out, progress=bar.update)
+    truth = make_video(plan, out, args.seed, width=args.width, height=args.height, fps=args.fps)
     print(
         json.dumps(
             {
                 "video": str(out),
-                "frames": spec.frame_count,
+                "frames": truth.frame_count,
                 "appearances": len(truth.appearances),
                 "enrolled": sorted(plan.enrolled),
                 "strangers": list(plan.strangers),

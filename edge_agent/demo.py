@@ -27,12 +27,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from models.contract import topics
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink
 from models.errors import ConfigError, ContractError, FaceAttendError
+
+if TYPE_CHECKING:
+    from edge_agent.videogen import GroundTruth
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +229,11 @@ def _stage_enrollment(plan: PeoplePlan, folder: Path) -> None:
             shutil.copyfile(photo, folder / person / photo.name)
 
 
-def _make_video(plan: PeoplePlan, out: Path, seed: int, say: Callable[[str], None]) -> Path:
+def make_video(
+    plan: PeoplePlan, out: Path, seed: int, say: Callable[[str], None] = lambda _: None, **spec_options: Any
+) -> GroundTruth:
+    """The plan's people walking past a door camera (enrolled people on their held-back photo), with a progress bar;
+    `spec_options`: VideoSpec's frame size and rate."""
     from tqdm import tqdm
 
     from edge_agent.videogen import VideoSpec, generate_video, plan_appearances
@@ -239,11 +246,10 @@ def _make_video(plan: PeoplePlan, out: Path, seed: int, say: Callable[[str], Non
         enrollment_photos=plan.enrolled,
         seed=seed,
     )
-    spec = VideoSpec(appearances, seed=seed)
+    spec = VideoSpec(appearances, seed=seed, **spec_options)
     say(f"generating a {spec.frame_count / spec.fps:.0f} s door-camera video of {len(appearances)} walk-ins")
     with tqdm(total=spec.frame_count, unit="frame", desc="video", file=sys.stderr) as bar:
-        generate_video(spec, out, progress=bar.update)
-    return out
+        return generate_video(spec, out, progress=bar.update)
 
 
 def _expected_events(video: Path, window_s: float) -> dict[str, int] | None:
@@ -326,7 +332,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         _stage_enrollment(plan, enroll_dir)
         say(f"enrolling {len(plan.enrolled)} people ({sum(map(len, plan.enrolled.values()))} photos)")
         server.run("import", str(enroll_dir), "--no-publish", show_progress=not options.json)
-        video = options.video or _make_video(plan, workdir / "door.avi", options.seed, say)
+        video = options.video
+        if video is None:
+            video = workdir / "door.avi"
+            make_video(plan, video, options.seed, say)
         expected = _expected_events(video, options.window_s)
         consumer = Consumer(broker_url, on_event)
         consumer.start()

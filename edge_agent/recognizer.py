@@ -519,7 +519,7 @@ class Recognizer:
             decisions_known=self._known,
             decisions_unknown=self._unknown,
             tracks_unusable=self._unusable,
-            pending=sum(1 for s in self._tracks.values() if not s.decided),
+            pending=self.pending,
         )
 
     @property

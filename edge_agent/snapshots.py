@@ -114,7 +114,7 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot: event id {event_id!r} is not a UUID") from None
         _check_frame(frame)
         image = _face_crop(frame, bbox, self._config.face_margin) if self._config.mode == "face" else frame
-        data = _encode_jpeg(image, self._config.jpeg_quality)
+        data = encode_jpeg(image, self._config.jpeg_quality)
         moment = at if at is not None else datetime.now(timezone.utc)
         if moment.tzinfo is None:
             raise SnapshotError("snapshot: `at` must be an aware datetime (timezone.utc)")
@@ -222,7 +222,8 @@ def _face_crop(frame: np.ndarray, bbox: tuple[float, float, float, float], margi
     return frame[top:bottom, left:right]
 
 
-def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """An RGB uint8 image as JPEG bytes (also the style worker's encoder for its paintings)."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ImageError(f"snapshot: JPEG encoding of a {image.shape} image failed")

@@ -87,8 +87,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-import cv2
-
+from edge_agent.snapshots import encode_jpeg
 from edge_agent.sqlite_store import SqliteStore, StoreSpec
 from models.cache import atomic_write_bytes
 from models.contract import timestamps, topics
@@ -243,8 +242,7 @@ def check_snapshot_ref(ref: object) -> str:
     if (
         not all(_REF_PART.fullmatch(p) for p in parts)
         or path.suffix != _SUFFIX
-        or "." in path.stem
-        or any(p in (".", "..") for p in parts)
+        or "." in path.stem  # "." and ".." parts never get here: _REF_PART refuses a leading dot
     ):
         raise StyleError(f"snapshot reference {ref!r}: expected a relative path such as 2026-01-02/<event_id>.jpg")
     return ref
@@ -575,10 +573,7 @@ def _paint_file(stylizer: Stylizer, source: Path, target: Path, quality: int) ->
     started = time.perf_counter()
     painted = stylizer.stylize_rgb(image)
     ms = (time.perf_counter() - started) * 1e3
-    ok, buf = cv2.imencode(_SUFFIX, cv2.cvtColor(painted, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ImageError(f"{target}: JPEG encoding of the stylised image failed")
-    atomic_write_bytes(target, buf.tobytes())
+    atomic_write_bytes(target, encode_jpeg(painted, quality))
     return ms
 
 
@@ -952,10 +947,6 @@ class StyleWorker:
         if added:
             self._wake.set()
         return added
-
-    def wake(self) -> None:
-        """Look at the queue and the idleness now rather than at the next poll (e.g. when the door turns idle)."""
-        self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop after the image in progress; messages not yet acknowledged stay queued for the next run. True when

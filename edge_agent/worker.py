@@ -44,6 +44,7 @@ import numpy as np
 from edge_agent.attendance import AttendanceConfig, AttendanceGate
 from edge_agent.capture import CameraConfig, CameraSet, CameraState, Frame
 from edge_agent.gallery_index import GalleryIndex, IndexHolder
+from edge_agent.latency import LatencyEma
 from edge_agent.recognizer import DEFAULT_RULE, RecognitionConfig, Recognizer, TrackDecision
 from edge_agent.tracker import EndedTrack, Tracker, TrackerConfig, TrackUpdate
 from models.alignment import CHIP_SIZE
@@ -187,20 +188,6 @@ class IdleState:
         return not self.faces_present and (self.seconds_since_face is None or self.seconds_since_face >= seconds)
 
 
-class _Ema:
-    __slots__ = ("alpha", "value")
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = alpha
-        self.value: float | None = None
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
-
-    def get(self) -> float:
-        return 0.0 if self.value is None else self.value
-
-
 class InferenceWorker:
     """See the module docstring. `on_decision` is called on the worker thread with each TrackDecision."""
 
@@ -233,10 +220,12 @@ class InferenceWorker:
         self._sources_ended = threading.Event()
         self._lock = threading.Lock()  # guards the figures below for readers on other threads
         alpha = self.config.ema_alpha
-        self._ema = {name: _Ema(alpha) for name in ("detect", "track", "align", "encode", "match", "frame", "batch")}
-        self._interval = _Ema(alpha)
-        self._load = _Ema(alpha)
-        self._camera_interval: dict[str, _Ema] = {}
+        self._ema = {
+            name: LatencyEma(alpha) for name in ("detect", "track", "align", "encode", "match", "frame", "batch")
+        }
+        self._interval = LatencyEma(alpha)
+        self._load = LatencyEma(alpha)
+        self._camera_interval: dict[str, LatencyEma] = {}
         self._camera_frames: dict[str, int] = {}
         self._camera_last: dict[str, float] = {}
         self._frames = 0
@@ -304,7 +293,7 @@ class InferenceWorker:
                 )
                 for name, cs in camera_stats.items()
             }
-            ema = {k: v.get() for k, v in self._ema.items()}
+            ema = {k: _value(v) for k, v in self._ema.items()}
             return WorkerStats(
                 running=self.running,
                 warmed_up=self._warmed,
@@ -313,7 +302,7 @@ class InferenceWorker:
                 frames_dropped=sum(c.frames_dropped for c in camera_stats.values()),
                 frames_skipped=sum(c.frames_skipped for c in camera_stats.values()),
                 fps=_rate(self._interval),
-                load=self._load.get(),
+                load=_value(self._load),
                 detect_ms=ema["detect"],
                 track_ms=ema["track"],
                 align_ms=ema["align"],
@@ -341,7 +330,7 @@ class InferenceWorker:
                 busy=self._busy,
                 faces_present=self._live_tracks > 0,
                 seconds_since_face=None if self._last_face is None else max(0.0, now - self._last_face),
-                load=self._load.get(),
+                load=_value(self._load),
             )
 
     # --- the loop ---------------------------------------------------------------------------------------------------
@@ -488,7 +477,10 @@ class InferenceWorker:
             self._live_tracks = sum(t.live for t in self._trackers.values())
             last = self._camera_last.get(frame.camera)
             if last is not None:
-                self._camera_interval.setdefault(frame.camera, _Ema(self.config.ema_alpha)).add(now - last)
+                interval = self._camera_interval.get(frame.camera)
+                if interval is None:
+                    interval = self._camera_interval[frame.camera] = LatencyEma(self.config.ema_alpha)
+                interval.add(now - last)
             self._camera_last[frame.camera] = now
             if self._last_record is not None:
                 self._interval.add(max(now - self._last_record, 1e-6))
@@ -616,8 +608,12 @@ class InferenceWorker:
         log.info("models warmed up in %.2f s", time.perf_counter() - started)
 
 
-def _rate(interval: _Ema) -> float:
-    value = interval.value
+def _value(ema: LatencyEma) -> float:
+    return ema.ema_s or 0.0
+
+
+def _rate(interval: LatencyEma) -> float:
+    value = interval.ema_s
     return 1.0 / value if value else 0.0
 
 

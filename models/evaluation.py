@@ -39,7 +39,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -211,8 +211,9 @@ def load_embeddings_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray | 
     return {img: embs[i] for i, img in enumerate(images)}
 
 
-def save_embeddings_npz(path: str | os.PathLike[str], embeddings: Embeddings) -> None:
-    """{image: row or None} -> the reference scorer's .npz (rows in the mapping's order; dtype kept)."""
+def save_embeddings_npz(path: str | os.PathLike[str] | BinaryIO, embeddings: Embeddings) -> None:
+    """{image: row or None} -> the reference scorer's .npz (rows in the mapping's order; dtype kept); `path` may be
+    a binary file object."""
     images, matrix = _stack(embeddings, dtype=None)
     np.savez(path, images=np.array(images), embs=matrix)
 

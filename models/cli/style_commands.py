@@ -87,6 +87,13 @@ def _transformer_config(args: argparse.Namespace):
     return TransformerConfig(width=args.width, residual_blocks=args.residual_blocks)
 
 
+def _mean_losses(rows: list[tuple[int, float, float, float]]) -> dict[str, float] | None:
+    """Mean J and style loss over some (iteration, J, content, style) history rows; None without any."""
+    if not rows:
+        return None
+    return {"J": float(np.mean([h[1] for h in rows])), "style": float(np.mean([h[3] for h in rows]))}
+
+
 def cmd_train_style(args: argparse.Namespace) -> int:
     from models.style.images import grid, load_style
     from models.style.train import TrainConfig, heldout_report, load_contents, split_holdout, train_style
@@ -123,18 +130,8 @@ def cmd_train_style(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 1),
         "training_images": len(train_items),
         "heldout_images": len(heldout),
-        "loss_first": {
-            "J": float(np.mean([h[1] for h in history[:window]])),
-            "style": float(np.mean([h[3] for h in history[:window]])),
-        }
-        if history
-        else None,
-        "loss_last": {
-            "J": float(np.mean([h[1] for h in history[-window:]])),
-            "style": float(np.mean([h[3] for h in history[-window:]])),
-        }
-        if history
-        else None,
+        "loss_first": _mean_losses(history[:window]),
+        "loss_last": _mean_losses(history[-window:]),
     }
     report = None
     if args.check_iterations > 0 and heldout:

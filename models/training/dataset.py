@@ -12,6 +12,7 @@ training folder with a broken file is a mistake to fix rather than noise to skip
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -26,9 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from models.cache import cache_dir
+from models.cache import atomic_write_bytes, cache_dir
 from models.errors import DatasetError, ImageError
 from models.evaluation import Protocol, build_protocol, load_embeddings_npz, load_identities, save_embeddings_npz
+from models.registry import sha256_bytes
 
 if TYPE_CHECKING:
     from models.pipeline import FacePipeline
@@ -130,7 +132,7 @@ def require_identities(counts: Mapping[str, int], minimum: int, what: str) -> No
 
 
 def _cache_key(root: Path, ids: Mapping[str, list[str]], pipeline: FacePipeline) -> str:
-    files = [[rel, hashlib.sha256((root / rel).read_bytes()).hexdigest()] for v in ids.values() for rel in v]
+    files = [[rel, sha256_bytes((root / rel).read_bytes())] for v in ids.values() for rel in v]
     desc = {
         "version": _CACHE_VERSION,
         "fingerprint": pipeline.fingerprint,
@@ -152,15 +154,9 @@ def _load_cached(path: Path) -> dict[str, np.ndarray | None] | None:
 
 
 def _save_cached(path: Path, rows: Mapping[str, np.ndarray | None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        save_embeddings_npz(tmp, rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    save_embeddings_npz(buf, rows)  # np.savez writes to a file object as well as to a path
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def embed_dataset(

@@ -142,12 +142,12 @@ def train_embedding(
         y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         sampler = PKSampler(y.numpy(), config.p, config.k, rng)
 
-        def validate() -> tuple[float | None, float | None]:
-            if val is None:
-                return None, None
+        if val is not None:
             xv = torch.as_tensor(np.asarray(val[0]), dtype=torch.float32)
             yv = torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
-            return validation_figures(model, xv, yv, config)
+
+        def validate() -> tuple[float | None, float | None]:
+            return (None, None) if val is None else validation_figures(model, xv, yv, config)
 
         penalty = getattr(model, "identity_penalty", None)
         optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
