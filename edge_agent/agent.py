@@ -23,25 +23,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_agent.attendance import AttendanceGate
 from edge_agent.capture import CameraSet
 from edge_agent.config import EdgeConfig
-from edge_agent.event_publisher import EventPublisher
-from edge_agent.gallery_index import IndexHolder
-from edge_agent.gallery_sync import GallerySync
-from edge_agent.latency import LatencyEma
-from edge_agent.metrics import MetricsServer
-from edge_agent.outbox import Outbox
-from edge_agent.recognizer import TrackDecision
-from edge_agent.snapshots import SnapshotStore
-from edge_agent.status import StatusReporter, offline_will
-from edge_agent.worker import InferenceWorker
+from edge_agent.delivery.event_publisher import EventPublisher
+from edge_agent.delivery.outbox import Outbox
+from edge_agent.delivery.snapshots import SnapshotStore
+from edge_agent.gallery.index import IndexHolder
+from edge_agent.gallery.sync import GallerySync
+from edge_agent.health.metrics import MetricsServer
+from edge_agent.health.status import StatusReporter, offline_will
+from edge_agent.recognition.attendance import AttendanceGate
+from edge_agent.recognition.latency import LatencyEma
+from edge_agent.recognition.recognizer import TrackDecision
+from edge_agent.recognition.worker import InferenceWorker
 from models.contract.events import new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 from models.contract.signing import Verifier
 from models.contract.timestamps import format_utc
 from models.errors import ConfigError, FaceAttendError, OutboxFullError
-from models.pipeline import FacePipeline
+from models.face.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class EdgeAgent:
             if self.cfg.style.enabled:
                 log.warning("style: enabled but snapshots.mode is off: there is nothing to stylise")
             return None
-        from edge_agent.style_worker import StyleWorker
+        from edge_agent.style.worker import StyleWorker
 
         return StyleWorker.for_agent(
             self.cfg.style,

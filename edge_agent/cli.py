@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from models.errors import ConfigError, FaceAttendError, ImageError, VideoGenError
+from models import extras
+from models.errors import ConfigError, FaceAttendError, ImageError, MissingExtraError, VideoGenError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -83,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from edge_agent.config import load_config
-    from models.engines import build_engines
+    from models.face.engines import build_engines
 
     cfg = load_config(args.config) if args.config else None
     max_batch = cfg.models.max_batch if cfg else 32
@@ -94,7 +95,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edge_agent.bench import BenchOptions, run_bench
+    from edge_agent.devtools.bench import BenchOptions, run_bench
 
     report = run_bench(
         BenchOptions(
@@ -112,8 +113,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_video(args: argparse.Namespace) -> int:
-    from edge_agent.demo import make_video, plan_people
-    from edge_agent.videogen import load_people
+    from edge_agent.devtools.demo import make_video, plan_people
+    from edge_agent.devtools.videogen import load_people
 
     plan = plan_people(load_people(Path(args.people)), all_enrolled=False)
     out = Path(args.out)
@@ -134,7 +135,8 @@ def cmd_make_video(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_agent.demo import DEMO_PEOPLE, DemoOptions, run_demo
+    extras.require("server", "edge-agent demo (it runs the enrollment server beside the agent)")
+    from edge_agent.devtools.demo import DEMO_PEOPLE, DemoOptions, run_demo
 
     result = run_demo(
         DemoOptions(
@@ -206,7 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        extras.require("edge", "edge-agent")
         return args.func(args)
+    except MissingExtraError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except (ConfigError, ImageError, VideoGenError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

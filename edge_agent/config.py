@@ -15,21 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from edge_agent.attendance import AttendanceConfig
 from edge_agent.capture import CameraConfig, SourceKind
-from edge_agent.gallery_index import IndexParams
-from edge_agent.metrics import MetricsConfig
-from edge_agent.outbox import OVERFLOW_POLICIES, Overflow
-from edge_agent.recognizer import DEFAULT_RULE, RecognitionConfig
-from edge_agent.snapshots import SnapshotConfig
-from edge_agent.status import StatusConfig
-from edge_agent.style_worker import StyleConfig
-from edge_agent.tracker import TrackerConfig
+from edge_agent.delivery.outbox import OVERFLOW_POLICIES, Overflow
+from edge_agent.delivery.snapshots import SnapshotConfig
+from edge_agent.gallery.index import IndexParams
+from edge_agent.health.metrics import MetricsConfig
+from edge_agent.health.status import StatusConfig
+from edge_agent.recognition.attendance import AttendanceConfig
+from edge_agent.recognition.recognizer import DEFAULT_RULE, RecognitionConfig
+from edge_agent.recognition.tracker import TrackerConfig
+from edge_agent.style.worker import StyleConfig
 from models.config import load_dataclass, load_yaml
 from models.contract import topics
-from models.decision import DecisionRule
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, FaceAttendError
-from models.pipeline import PipelineConfig
+from models.face.pipeline import PipelineConfig
 
 BACKENDS = ("onnxruntime", "tensorrt")
 

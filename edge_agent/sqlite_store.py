@@ -1,5 +1,5 @@
-"""A single-owner SQLite file: what the edge's outbox (edge_agent/outbox.py) and the style worker's queue
-(edge_agent/style_worker.py StyleQueue) share.
+"""A single-owner SQLite file: what the edge's outbox (edge_agent/delivery/outbox.py) and the style worker's queue
+(edge_agent/style/worker.py StyleQueue) share.
 
 Each such file has a schema version (`user_version`), a WAL journal and the `synchronous` level its owner picks
 (the owners' docstrings say why FULL or NORMAL). At open it is checked (`quick_check`); a file that cannot be read

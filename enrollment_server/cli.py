@@ -18,6 +18,7 @@ from pathlib import Path
 from enrollment_server import components as c
 from enrollment_server import provisioning
 from enrollment_server.config import ServerConfig, load_config
+from models import extras
 from models.errors import FaceAttendError, MqttError
 
 log = logging.getLogger("enrollment-server")
@@ -273,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        extras.require("server", "enrollment-server")
         return args.func(args, load_config(args.config))
     except MqttError as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)

@@ -33,13 +33,13 @@ def open_store(cfg: ServerConfig) -> Store:
 
 def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
     from enrollment_server.enrollment import Enroller
-    from models.pipeline import FacePipeline, PipelineConfig
+    from models.face.pipeline import FacePipeline, PipelineConfig
 
     return Enroller(store, FacePipeline.create(PipelineConfig(alignment=cfg.enrollment.alignment)), cfg.enrollment)
 
 
 def fingerprint(cfg: ServerConfig) -> str:
-    from models.fingerprint import encoder_fingerprint
+    from models.face.fingerprint import encoder_fingerprint
 
     return encoder_fingerprint(alignment=cfg.enrollment.alignment).value
 

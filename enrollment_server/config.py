@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from models.config import load_dataclass, load_yaml
-from models.quality import QualityConfig
+from models.face.quality import QualityConfig
 
 
 @dataclass(frozen=True)

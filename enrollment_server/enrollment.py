@@ -1,10 +1,10 @@
 """Enrollment: photos in, quality-gated templates out, one specific verdict per photo.
 
 Per photo: decode (ImageError -> unreadable), detect/align/encode, the photo gates (models of
-models.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
+models.face.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
 person already has adds nothing. A *new* person whose face already matches someone enrolled at the site under the
 configured distance is flagged as a probable duplicate identity and not created, unless the admin insists.
-The identity check uses the same open-set decision rule as the edges (models.decision).
+The identity check uses the same open-set decision rule as the edges (models.decision.rules).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.store import Store, TemplateQuality
-from models import quality as q
-from models.decision import DecisionRule, Neighbours
+from models.decision.rules import DecisionRule, Neighbours
 from models.errors import ConflictError, ImageError, NotFoundError
+from models.face import quality as q
+from models.face.pipeline import FacePipeline
 from models.imageio import IMAGE_SUFFIXES, load_image
-from models.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 

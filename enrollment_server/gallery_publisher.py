@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 METRIC = "euclidean"
 # The dlib encoder's dimension; only used for an empty gallery, which has no stored template to take it from
-# (models.encoder.EMBEDDING_DIM, not imported because that module pulls OpenCV into the server's start-up).
+# (models.face.encoder.EMBEDDING_DIM, not imported because that module pulls OpenCV into the server's start-up).
 DEFAULT_DIM = 128
 DEFAULT_ACK_TIMEOUT_S = 60.0
 

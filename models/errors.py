@@ -155,3 +155,7 @@ class VideoGenError(FaceAttendError):
 class RecognitionError(FaceAttendError):
     """The edge's per-track recognition was handed inconsistent inputs (samples, embeddings and matches that do not
     line up; invalid vote weights): a caller's contract violation."""
+
+
+class MissingExtraError(FaceAttendError):
+    """A command needs an optional dependency group (``faceattend[edge]``, ``[server]``, ...) that is not installed."""

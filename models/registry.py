@@ -85,7 +85,7 @@ ENCODER = ModelManifest(
 
 SHAPE_PREDICTOR = ModelManifest(
     name="dlib_shape_predictor_5",
-    role="5-point face landmarker for alignment (ERT cascade, run by models/dlib_shape.py)",
+    role="5-point face landmarker for alignment (ERT cascade, run by models/face/dlib_shape.py)",
     source_package="face-recognition-models",
     source_module="face_recognition_models",
     source_file="models/shape_predictor_5_face_landmarks.dat",
@@ -163,7 +163,7 @@ def encoder_source_bytes() -> bytes:
 @lru_cache(maxsize=1)
 def encoder_onnx_path() -> Path:
     """The encoder as ONNX, converted from dlib's file once and cached under its source sha256."""
-    from models import dlib_onnx  # conversion code is only needed on a cache miss
+    from models.face import dlib_onnx  # conversion code is only needed on a cache miss
 
     path = cache_dir() / "onnx" / f"{ENCODER.name}-{ENCODER.sha256[:16]}-c{dlib_onnx.CONVERTER_VERSION}.onnx"
     if path.is_file():

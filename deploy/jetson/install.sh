@@ -72,7 +72,7 @@ EOF
     python3 -m venv --system-site-packages "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
     # numpy<2: JetPack's TensorRT bindings are built against numpy 1.x; pycuda builds against /usr/local/cuda
-    PATH=/usr/local/cuda/bin:$PATH "$venv/bin/pip" install --quiet "$source_dir" "numpy<2" "pycuda>=2022.2"
+    PATH=/usr/local/cuda/bin:$PATH "$venv/bin/pip" install --quiet "${source_dir}[edge]" "numpy<2" "pycuda>=2022.2"
 fi
 
 # the bundle: config and secrets readable by the agent's group only

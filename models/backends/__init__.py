@@ -5,11 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.backends.base import InferenceBackend, ShapeProfile
+from models.backends.base import BACKENDS, PRECISIONS, InferenceBackend, ShapeProfile
 from models.errors import ConfigError
-
-BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp16", "fp32")
 
 __all__ = ["BACKENDS", "PRECISIONS", "InferenceBackend", "ShapeProfile", "create_backend", "tensorrt_available"]
 

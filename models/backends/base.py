@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp16", "fp32")
+
 
 @dataclass(frozen=True)
 class ShapeProfile:

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from models.backends import PRECISIONS
-from models.backends.base import InferenceBackend, ShapeProfile
+from models.backends.base import PRECISIONS, InferenceBackend, ShapeProfile
 from models.cache import atomic_write_bytes, cache_dir
 from models.errors import BackendError, BackendUnavailableError, ConfigError
 

@@ -12,32 +12,26 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from models.cli.common import (
+    EXIT_FATAL,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_UNAVAILABLE,
+    add_pipeline_args,
+    emit,
+    pipeline_from_args,
+    progress_bar,
+)
 from models.errors import BackendUnavailableError, FaceAttendError, ImageError, ModelError
 
 log = logging.getLogger("model-tool")
 
-EXIT_OK, EXIT_PARTIAL, EXIT_FATAL, EXIT_UNAVAILABLE = 0, 1, 2, 3
 CHUNK = 8  # images decoded and encoded together: bounds memory while keeping encoder batches full
-
-
-def _emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def _pipeline(args: argparse.Namespace):
-    from models.detector import DetectorConfig
-    from models.pipeline import FacePipeline, PipelineConfig
-
-    det = DetectorConfig(max_side=args.max_side, score_threshold=args.score_threshold)
-    return FacePipeline.create(
-        PipelineConfig(backend=args.backend, threads=args.threads, alignment=args.alignment, detector=det)
-    )
 
 
 def _inputs(paths: Sequence[str], list_file: str | None) -> list[Path]:
@@ -69,25 +63,12 @@ def _load_chunks(paths: list[Path]) -> Iterator[list[tuple[Path, np.ndarray | No
         yield chunk
 
 
-def _progress(total: int, desc: str, enabled: bool = True) -> Callable[[int], None]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled or total < 2, leave=False)
-
-    def step(n: int = 1) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return step
-
-
 # ---- commands -------------------------------------------------------------------------------------------------
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     paths = _inputs(args.images, None)
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     out_path = Path(args.out) if args.out else None
     if out_path and len(paths) > 1:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -96,25 +77,25 @@ def cmd_detect(args: argparse.Namespace) -> int:
         for path, image, error in chunk:
             if image is None:
                 failed += 1
-                _emit({"path": str(path), "error": error})
+                emit({"path": str(path), "error": error})
                 continue
             faces = pipe.detect(image)
             record = {"path": str(path), "width": image.shape[1], "height": image.shape[0]}
             record["faces"] = [f.to_json() for f in faces]
             if out_path:
-                from models.drawing import draw_detections, write_png
+                from models.face.drawing import draw_detections, write_png
 
                 target = out_path / f"{path.stem}.png" if len(paths) > 1 else out_path
                 write_png(target, draw_detections(image, faces))
                 record["annotated"] = str(target)
-            _emit(record)
+            emit(record)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     paths = _inputs(args.paths, args.list)
-    pipe = _pipeline(args)
-    step = _progress(len(paths), "embed", not args.quiet)
+    pipe = pipeline_from_args(args)
+    step = progress_bar(len(paths), "embed", not args.quiet)
     failed = 0
     for chunk in _load_chunks(paths):
         ok = [(p, im) for p, im, _ in chunk if im is not None]
@@ -123,10 +104,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         for path, image, error in chunk:
             if image is None:
                 failed += 1
-                _emit({"path": str(path), "error": error})
+                emit({"path": str(path), "error": error})
             else:
                 faces = by_path[str(path)]
-                _emit({"path": str(path), "faces": [f.to_json() for f in faces]})
+                emit({"path": str(path), "faces": [f.to_json() for f in faces]})
         step(len(chunk))
     return EXIT_PARTIAL if failed else EXIT_OK
 
@@ -143,10 +124,10 @@ def _largest_face(pipe, path: str):
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     a, b = _largest_face(pipe, args.a), _largest_face(pipe, args.b)
     distance = float(np.linalg.norm(a.embedding - b.embedding))
-    _emit(
+    emit(
         {
             "a": args.a,
             "b": args.b,
@@ -162,9 +143,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
-    from models.alignment import DEFAULT_METHOD, METHODS
     from models.backends import tensorrt_available
-    from models.fingerprint import encoder_fingerprint
+    from models.face.alignment import DEFAULT_METHOD, METHODS
+    from models.face.fingerprint import encoder_fingerprint
     from models.registry import DETECTOR, ENCODER, MANIFESTS, detector_onnx_bytes, encoder_onnx_path, sha256_bytes
 
     onnx_graphs = {DETECTOR.name: (detector_onnx_bytes(), None), ENCODER.name: (None, encoder_onnx_path())}
@@ -187,7 +168,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         models.append(entry)
     fingerprints = {m: encoder_fingerprint(alignment=m) for m in METHODS}
     trt_ok, trt_reason = tensorrt_available()
-    _emit(
+    emit(
         {
             "models": models,
             "encoder_fingerprint": fingerprints[DEFAULT_METHOD].value,
@@ -200,27 +181,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from models.engines import build_engines
+    from models.face.engines import build_engines
 
     for record in build_engines(precision=args.precision, max_batch=args.max_batch, max_side=args.max_side):
-        _emit(record)
+        emit(record)
     return EXIT_OK
 
 
 def cmd_fit_alignment(args: argparse.Namespace) -> int:
-    from models.alignment import TEMPLATE
-    from models.dlib_shape import RECT_MODEL, fit_rect_model
+    from models.face.alignment import TEMPLATE
+    from models.face.dlib_shape import RECT_MODEL, fit_rect_model
+    from models.face.template_fit import DlibReference, fit_alignment, pair_faces
     from models.imageio import list_images
-    from models.template_fit import DlibReference, fit_alignment, pair_faces
 
     images = list_images([args.dataset])
-    pipe = _pipeline(args)
-    paired, n, skipped = pair_faces(images, pipe, DlibReference(), _progress(len(images), "pair", not args.quiet))
+    pipe = pipeline_from_args(args)
+    paired, n, skipped = pair_faces(images, pipe, DlibReference(), progress_bar(len(images), "pair", not args.quiet))
     fit = fit_alignment(paired, n, skipped)
     rect_model = fit_rect_model(
         [(p.hog_rect, p.ours.detection.bbox, p.ours.detection.landmarks_array()) for p in paired]
     )
-    _emit(
+    emit(
         {
             "alignment": args.alignment,
             "images": n,
@@ -245,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ModelError("the demo uses scikit-image's sample photos: pip install 'faceattend[demo]'") from exc
     import cv2
 
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     astronaut = np.ascontiguousarray(data.astronaut()[:, :, :3])
     cameraman = np.ascontiguousarray(np.repeat(data.camera()[:, :, None], 3, axis=2))
     # the same person again, as a second camera would see her: mirrored, smaller, darker
@@ -271,7 +252,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         verdict = "same person" if d <= args.threshold else "different people"
         print(f"verify astronaut vs {other}: distance {d:.4f} -> {verdict} (threshold {args.threshold})")
     if args.out:
-        from models.drawing import draw_detections, write_png
+        from models.face.drawing import draw_detections, write_png
 
         write_png(Path(args.out), draw_detections(astronaut, pipe.detect(astronaut)))
         print(f"annotated image: {args.out}")
@@ -303,11 +284,11 @@ def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from models.decision import DEFAULT_THRESHOLDS, DecisionRule, Neighbours
+    from models.decision.rules import DEFAULT_THRESHOLDS, DecisionRule, Neighbours
 
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     if args.calibration:
-        from models.evaluation import rule_from_summary
+        from models.evaluation.scoring import rule_from_summary
 
         rule = rule_from_summary(args.calibration, args.rule, args.fpir, fingerprint=pipe.fingerprint)
     else:
@@ -319,7 +300,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     log.info("identify: %s", rule.to_dict())
     gallery, labels, rejected = _enroll_gallery(pipe, Path(args.gallery))
     for r in rejected:
-        _emit(r)
+        emit(r)
     log.info("gallery: %d templates of %d people", len(labels), len(set(labels)))
     paths = _inputs(args.probes, args.probe_list)
     failed = 0
@@ -329,7 +310,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         for path, image, error in chunk:
             if image is None:
                 failed += 1
-                _emit({"path": str(path), "error": error})
+                emit({"path": str(path), "error": error})
                 continue
             faces = results[str(path)]
             record: dict = {"path": str(path), "faces": []}
@@ -341,7 +322,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
                     entry["identity"] = decision.person_id if decision.accepted else "unknown"
                     entry["decision"] = decision.to_json()
                     record["faces"].append(entry)
-            _emit(record)
+            emit(record)
     return EXIT_PARTIAL if failed or rejected else EXIT_OK
 
 
@@ -354,8 +335,8 @@ def _peer_available() -> bool:
 def cmd_eval(args: argparse.Namespace) -> int:
     import time
 
-    from models.eval_embed import embed_ours, embed_peer
-    from models.evaluation import (
+    from models.evaluation.embed import embed_ours, embed_peer
+    from models.evaluation.scoring import (
         build_protocol,
         evaluate,
         load_embeddings_npz,
@@ -369,9 +350,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ImageError(f"{root}: not a folder (expected one sub-folder of images per identity)")
     protocol = build_protocol(root, n_pairs=args.pairs)
     images = list(protocol.images)
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     t0 = time.perf_counter()
-    ours = embed_ours(root, images, pipe, _progress(len(images), "ours", not args.quiet))
+    ours = embed_ours(root, images, pipe, progress_bar(len(images), "ours", not args.quiet))
     ours_ms = (time.perf_counter() - t0) * 1e3 / len(images)
     reports = [evaluate(protocol, ours, system="faceattend")]
     timings = {"faceattend": ours_ms}
@@ -382,7 +363,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             timings["face_recognition"] = float("nan")
         else:
             t0 = time.perf_counter()
-            peer = embed_peer(root, images, _progress(len(images), "face_recognition", not args.quiet))
+            peer = embed_peer(root, images, progress_bar(len(images), "face_recognition", not args.quiet))
             timings["face_recognition"] = (time.perf_counter() - t0) * 1e3 / len(images)
             if cache:
                 save_embeddings_npz(cache, peer)
@@ -428,7 +409,7 @@ def format_eval(reports: list, timings: dict[str, float]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from models.bench import format_report, run_bench
+    from models.evaluation.bench import format_report, run_bench
     from models.imageio import list_images, load_image
 
     if args.images:
@@ -440,7 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise ModelError("give IMAGES to benchmark on, or install scikit-image for its sample photos") from exc
         images = [np.ascontiguousarray(data.astronaut()[:, :, :3])]
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     report = run_bench(
         pipe,
         images,
@@ -459,17 +440,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- argument parsing -----------------------------------------------------------------------------------------
 
 
-def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
-    p.add_argument("--max-side", type=int, default=640, help="detector input long-side cap in pixels")
-    p.add_argument("--score-threshold", type=float, default=0.7, help="detector confidence threshold")
-    p.add_argument(
-        "--alignment", default="dlib5", choices=("dlib5", "template"), help="chip alignment (see models/alignment.py)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model-tool", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -478,20 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="faces, boxes and landmarks per image (JSON lines)")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", help="annotated PNG (a folder when several images are given)")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("embed", help="128-d embedding of every face (JSON lines)")
     p.add_argument("paths", nargs="*", help="image files or folders")
     p.add_argument("--list", help="file with one image path per line")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("verify", help="are the largest faces of A and B the same person?")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--threshold", type=float, default=0.6, help="Euclidean distance threshold (dlib's 0.6)")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="model manifests, ONNX graphs, fingerprint, available backends")
@@ -505,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-alignment", help="derive the alignment template from dlib's chips (needs dlib-bin)")
     p.add_argument("dataset")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_fit_alignment)
 
     p = sub.add_parser("identify", help="who is each probe face? open-set decision against a gallery folder")
@@ -517,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-distance", type=float, default=0.6, help="distance cap of the ratio / margin rules")
     p.add_argument("--calibration", help="take the rule's threshold from a model-tool eval --json summary")
     p.add_argument("--fpir", type=float, default=1e-2, help="with --calibration: the stranger accept rate (1e-2)")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("eval", help="the DESIGN.md protocol on a folder-per-identity dataset, next to the peer")
@@ -527,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", default="eval-roc.png", help="ROC / DIR plot (PNG; default eval-roc.png)")
     p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition side by side")
     p.add_argument("--peer-cache", help="reuse / store the peer's embeddings in this .npz")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="ms per frame / face / image next to face_recognition, peak RSS")
@@ -536,18 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-peer", action="store_true", help="skip face_recognition")
     p.add_argument("--json", help="write the figures here")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the pipeline on sample photos: detections, embedding norm, verification")
     p.add_argument("--threshold", type=float, default=0.6)
     p.add_argument("--out", help="write the annotated astronaut here (PNG)")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
 
     from models.cli.train_commands import add_training_commands  # calibrate, train-adapter, train-verifier
 
-    add_training_commands(sub, _add_pipeline_args)
+    add_training_commands(sub)
 
     from models.cli.style_commands import add_style_commands  # stylize, train-style, bench-style, ...
 

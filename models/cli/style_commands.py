@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cli.model_tool import EXIT_OK, _emit
+from models.cli.common import EXIT_OK, emit
 from models.errors import StyleError
 
 log = logging.getLogger("model-tool")
 
 
 def _write_png(path: str, image: np.ndarray) -> str:
-    from models.drawing import write_png
+    from models.face.drawing import write_png
 
     write_png(Path(path), image)
     return str(path)
@@ -77,7 +77,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         cells = [("content", resize_long_side(content, args.size))]
         cells += [(f"style {style_label}", style)] if style is not None else []
         record["grid"] = _write_png(args.grid, grid([*cells, ("result", result)]))
-    _emit(record)
+    emit(record)
     return EXIT_OK
 
 
@@ -160,7 +160,7 @@ def cmd_train_style(args: argparse.Namespace) -> int:
 
         export_checkpoint(args.checkpoint, args.onnx, report)
         record["onnx"] = args.onnx
-    _emit(record)
+    emit(record)
     return EXIT_OK
 
 
@@ -168,7 +168,7 @@ def cmd_export_style(args: argparse.Namespace) -> int:
     from models.style.export import export_checkpoint
 
     info = export_checkpoint(args.checkpoint, args.out)
-    _emit({"checkpoint": args.checkpoint, "onnx": args.out} | info.to_json())
+    emit({"checkpoint": args.checkpoint, "onnx": args.out} | info.to_json())
     return EXIT_OK
 
 
@@ -213,7 +213,7 @@ def cmd_bench_style(args: argparse.Namespace) -> int:
                 stylizer.stylize_rgb(image)
                 times.append((time.perf_counter() - started) * 1e3)
             info = stylizer.info
-    _emit(
+    emit(
         {
             "model": args.model or "untrained network (default architecture)",
             "transformer": info.transformer,
@@ -242,7 +242,7 @@ def cmd_visualize_units(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
     )
-    _emit(
+    emit(
         {
             "model": args.model,
             "layer": args.layer,

@@ -11,14 +11,14 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.cli.model_tool import EXIT_OK, _pipeline, _progress
+from models.cli.common import EXIT_OK, add_pipeline_args, pipeline_from_args, progress_bar
 
 if TYPE_CHECKING:
-    from models.evaluation import EvaluationReport
+    from models.evaluation.scoring import EvaluationReport
     from models.training.dataset import LabelledEmbeddings
     from models.training.site_adapter import AdapterConfig
 
@@ -27,10 +27,10 @@ def _embed(args: argparse.Namespace, root: Path) -> LabelledEmbeddings:
     from models.training.dataset import embed_dataset, scan_dataset
 
     total = sum(len(v) for v in scan_dataset(root).values())  # a bad folder fails here, before models load
-    pipe = _pipeline(args)
+    pipe = pipeline_from_args(args)
     try:
         return embed_dataset(
-            root, pipe, progress=_progress(total, "embed", not args.quiet), use_cache=not args.no_cache
+            root, pipe, progress=progress_bar(total, "embed", not args.quiet), use_cache=not args.no_cache
         )
     finally:
         pipe.close()
@@ -59,7 +59,7 @@ def _figures(reports: Sequence[EvaluationReport]) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.cache import atomic_write_bytes
-    from models.decision import DecisionRule
+    from models.decision.rules import DecisionRule
     from models.training.calibration import (
         CalibrationSettings,
         calibrate_open_set,
@@ -137,7 +137,7 @@ def _adapter_config(args: argparse.Namespace) -> AdapterConfig:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from models.evaluation import plot_roc, write_summary
+    from models.evaluation.scoring import plot_roc, write_summary
     from models.training.adapter import ship_adapter
     from models.training.calibration import pair_scores
     from models.training.plots import HistogramPanel, plot_histograms
@@ -200,7 +200,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_train_verifier(args: argparse.Namespace) -> int:
-    from models.evaluation import plot_roc, write_summary
+    from models.evaluation.scoring import plot_roc, write_summary
     from models.training.calibration import check_target
     from models.training.site_verifier import compare_verifiers
     from models.training.verifier import save_verifier
@@ -259,7 +259,7 @@ def cmd_train_verifier(args: argparse.Namespace) -> int:
 # ---- argument parsing --------------------------------------------------------------------------------------------
 
 
-def add_training_commands(sub: Any, add_pipeline_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_training_commands(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("dataset", help="folder with one sub-folder of images per identity")
         p.add_argument("--no-cache", action="store_true", help="embed again even when cached embeddings exist")

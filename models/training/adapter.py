@@ -32,7 +32,7 @@ from models.registry import sha256_bytes
 
 if TYPE_CHECKING:
     from models.backends.base import InferenceBackend, ShapeProfile
-    from models.evaluation import EvaluationReport
+    from models.evaluation.scoring import EvaluationReport
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Thresholds for a target false accept rate, with bootstrap confidence intervals, as a decision-config fragment.
 
 - distance rule (1:1 verification): from every genuine and impostor pair of a labelled dataset, the largest
-  distance that accepts at most ``target`` of the impostor pairs (``models.decision.calibrate``, which counts
+  distance that accepts at most ``target`` of the impostor pairs (``models.decision.rules.calibrate``, which counts
   accepted impostors exactly); TAR on the genuine pairs.
 - margin and ratio rules (open set): strangers are every image against a gallery of every *other* identity's
   images (leave-one-identity-out), mates every image against the gallery of all other images (several templates
@@ -14,7 +14,7 @@ were drawn (a pair of two copies of one person is left out). The interval is the
 threshold (and of TAR / DIR) over the resamples.
 
 The output (``decision_fragment``) is YAML whose ``decision`` mapping is exactly what
-``models.decision.DecisionRule.from_dict`` reads (rule, threshold, max_distance); everything else, the interval
+``models.decision.rules.DecisionRule.from_dict`` reads (rule, threshold, max_distance); everything else, the interval
 and the encoder fingerprint included, is comments, because the strict loader rejects unknown keys.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from models.decision import (
+from models.decision.rules import (
     DecisionRule,
     Neighbours,
     OperatingPoint,
@@ -39,7 +39,7 @@ from models.decision import (
     template_to_identity_distances,
 )
 from models.errors import ConfigError, DatasetError
-from models.evaluation import PairMetric
+from models.evaluation.scoring import PairMetric
 from models.training.dataset import MIN_IMAGES, LabelledEmbeddings
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Folder-per-identity datasets as labelled embeddings, person-disjoint splits, and held-out protocols.
 
-Embedding reuses ``models.eval_embed.embed_ours`` (the face nearest the image centre, as ``model-tool eval`` does)
+Embedding reuses ``models.evaluation.embed.embed_ours`` (the face nearest the image centre, as ``model-tool eval`` does)
 and caches the result under the cache root, keyed by the encoder fingerprint, the detector settings and the sha256
 of every image: re-running a training or a calibration on the same photos costs no second pass, and a changed
 photo, encoder or detector setting can never be served a stale embedding.
@@ -29,11 +29,17 @@ from numpy.typing import NDArray
 
 from models.cache import atomic_write_bytes, cache_dir
 from models.errors import DatasetError, ImageError
-from models.evaluation import Protocol, build_protocol, load_embeddings_npz, load_identities, save_embeddings_npz
+from models.evaluation.scoring import (
+    Protocol,
+    build_protocol,
+    load_embeddings_npz,
+    load_identities,
+    save_embeddings_npz,
+)
 from models.registry import sha256_bytes
 
 if TYPE_CHECKING:
-    from models.pipeline import FacePipeline
+    from models.face.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class LabelledEmbeddings:
         return LabelledEmbeddings(self.images, self.labels, np.asarray(vectors, np.float32), fingerprint, self.missing)
 
     def as_mapping(self) -> dict[str, NDArray[np.float32] | None]:
-        """{image: vector, or None without a face}: the form ``models.evaluation`` takes."""
+        """{image: vector, or None without a face}: the form ``models.evaluation.scoring`` takes."""
         out: dict[str, NDArray[np.float32] | None] = dict(zip(self.images, self.vectors, strict=True))
         out.update(dict.fromkeys(self.missing))
         return out
@@ -167,7 +173,7 @@ def embed_dataset(
     use_cache: bool = True,
 ) -> LabelledEmbeddings:
     """Every image of a folder-per-identity dataset through ``pipeline`` (cached, see the module docstring)."""
-    from models.eval_embed import embed_ours
+    from models.evaluation.embed import embed_ours
     from models.imageio import load_image
 
     base = Path(root)
@@ -247,7 +253,8 @@ def split_people(counts: Mapping[str, int], *, test_fraction: float, val_fractio
 
 
 def held_out_protocol(root: str | os.PathLike[str], identities: Collection[str], max_pairs: int = 300) -> Protocol:
-    """The DESIGN.md evaluation protocol (``models.evaluation.build_protocol``, unchanged) on some identities only.
+    """The DESIGN.md evaluation protocol (``models.evaluation.scoring.build_protocol``, unchanged) on some identities
+    only.
 
     The protocol reads a folder, so the identities are presented as a temporary folder of links to the real ones
     (image paths stay ``identity/file``, the keys of the embeddings). Pairs: up to ``max_pairs`` each, at most half

@@ -1,4 +1,4 @@
-"""ONNX graphs for what training produces, built node by node from the weights as ``models.dlib_onnx`` builds the
+"""ONNX graphs for what training produces, built node by node from the weights as ``models.face.dlib_onnx`` builds the
 encoder's: fixed node and tensor names, no timestamps, so identical weights give identical bytes and the sha256
 (hence the adapter's fingerprint) is a function of the weights alone. No exporter and no torch are involved.
 
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.dlib_onnx import IR_VERSION, OPSET
+from models.face.dlib_onnx import IR_VERSION, OPSET
+from models.training.verifier import CHI2_EPS
 
 if TYPE_CHECKING:
     from onnx import NodeProto, TensorProto
@@ -25,8 +26,6 @@ ADAPTER_OUTPUT = "adapted"
 VERIFIER_INPUT = "pair"
 VERIFIER_OUTPUTS = ("logit", "p_same")
 BATCH_DIM = "N"
-# keeps 0/0 out of the chi-square form where both components are exactly zero; the term is then 0
-CHI2_EPS = 1e-12
 
 
 def _model(name: str, nodes: list[NodeProto], inits: list[TensorProto], inputs: list, outputs: list) -> bytes:

@@ -1,6 +1,7 @@
 """Pictures a person would rather look at than numbers: genuine vs impostor distance histograms per panel.
 
-matplotlib's figure API with the Agg canvas, as ``models.evaluation.plot_roc`` does: no pyplot, no global backend.
+matplotlib's figure API with the Agg canvas, as ``models.evaluation.scoring.plot_roc`` does: no pyplot, no global
+backend.
 """
 
 from __future__ import annotations

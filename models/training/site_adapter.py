@@ -1,6 +1,6 @@
 """A site's adapter from its own labelled faces: split by person, train, export, evaluate before / after, judge.
 
-The evaluation is the DESIGN.md protocol (``models.evaluation``) on people the adapter never saw, with the
+The evaluation is the DESIGN.md protocol (``models.evaluation.scoring``) on people the adapter never saw, with the
 adapter applied through its exported ONNX graph, i.e. exactly what an edge would run. Whether it ships is
 ``models.training.adapter.ship_adapter``'s decision on ``judge_adapter``'s verdict.
 """
@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from models.errors import ConfigError, TrainingError
-from models.evaluation import EvaluationReport, evaluate
+from models.evaluation.scoring import EvaluationReport, evaluate
 from models.training.adapter import (
     HEAD_KINDS,
     AdapterManifest,

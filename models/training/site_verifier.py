@@ -1,7 +1,7 @@
 """The siamese verifier from a site's labelled faces, compared with the plain distance threshold on held-out people.
 
 Both forms of the notes (|difference| and chi-square) are fitted on the training people and evaluated on the
-held-out ones with the DESIGN.md protocol (``models.evaluation.evaluate`` with the verifier as the pair metric),
+held-out ones with the DESIGN.md protocol (``models.evaluation.scoring.evaluate`` with the verifier as the pair metric),
 next to the Euclidean distance on the very same pairs, gallery and probes. The verifier's own threshold for the
 matcher is calibrated on every pair of the held-out people at the target FAR.
 """
@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.decision import DecisionRule
-from models.evaluation import EvaluationReport, evaluate
+from models.decision.rules import DecisionRule
+from models.evaluation.scoring import EvaluationReport, evaluate
 from models.training.calibration import CalibrationSettings, RuleCalibration, calibrate_pairs, check_target, pair_scores
 from models.training.dataset import LabelledEmbeddings, PersonSplit, held_out_protocol, require_identities, split_people
 from models.training.verifier import (

@@ -13,8 +13,9 @@ ones by far. Convex, deterministic, no torch.
 
 As a decision: the matcher's rules work on distances, so the verifier provides one, the verifier distance
 -ln p(same) = softplus(-logit) >= 0 (lower = more alike). A distance-rule threshold t on it accepts exactly when
-p(same) >= exp(-t), and ``models.decision`` / ``models.evaluation`` apply unchanged (``evaluate(metric=...)``).
-With several templates per identity, the most probable template counts (the identity's minimum distance).
+p(same) >= exp(-t), and ``models.decision.rules`` / ``models.evaluation.scoring`` apply unchanged
+(``evaluate(metric=...)``). With several templates per identity, the most probable template counts (the identity's
+minimum distance).
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from numpy.typing import ArrayLike, NDArray
 
 from models.cache import atomic_write_bytes
 from models.config import load_dataclass
-from models.decision import DecisionRule, Decisions, Neighbours, template_to_identity_distances
+from models.decision.rules import DecisionRule, Decisions, Neighbours, template_to_identity_distances
 from models.errors import ConfigError, DatasetError, FaceAttendError, ModelError
 from models.registry import sha256_bytes
-from models.training.export import CHI2_EPS
 
 if TYPE_CHECKING:
     from models.backends.base import InferenceBackend, ShapeProfile
@@ -49,6 +49,10 @@ VERIFIER_MANIFEST: Final[str] = "verifier.json"
 SCHEMA: Final[str] = "faceattend.verifier"
 SCHEMA_VERSION: Final[int] = 1
 MAX_BATCH: Final[int] = 4096  # pairs per backend call
+
+
+# keeps 0/0 out of the chi-square form where both components are exactly zero; the term is then 0
+CHI2_EPS = 1e-12
 
 
 def pair_features(a: ArrayLike, b: ArrayLike, form: str) -> NDArray[np.float64]:

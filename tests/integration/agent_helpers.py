@@ -3,7 +3,7 @@
 - `Server`: the enrollment server as its own processes, driven through its CLI (`init`, `import`, `enroll`,
   `remove`, `publish`) and `serve` (waited for on /healthz), with its SQLite store readable by the test.
 - `Tap`: an MQTT subscriber that keeps every delivery (duplicates and retained replays included).
-- The people of the scenarios (the shipped `edge_agent/demo_people`) and the videos rendered from them.
+- The people of the scenarios (the shipped `edge_agent/devtools/demo_people`) and the videos rendered from them.
 - `edge_config`: an edge agent's configuration, as a mapping (for `config_from_dict`) or a YAML file (for
   `edge-agent run`).
 """
@@ -29,8 +29,8 @@ from conftest import FAST_RECONNECT, free_port
 from mjpeg import MjpegServer
 from waiting import wait_until
 
-from edge_agent.demo import DEMO_PEOPLE
-from edge_agent.videogen import Appearance, GroundTruth, VideoSpec, generate_video, plan_appearances
+from edge_agent.devtools.demo import DEMO_PEOPLE
+from edge_agent.devtools.videogen import Appearance, GroundTruth, VideoSpec, generate_video, plan_appearances
 from enrollment_server.store import Store, StoredEvent
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink

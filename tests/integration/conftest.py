@@ -28,10 +28,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from storedb import PG_ADMIN_URL, Db, pg_unreachable
 
-from edge_agent.videogen import load_people
+from edge_agent.devtools.videogen import load_people
 from enrollment_server.store import Store
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink, Will
-from models.pipeline import FacePipeline
+from models.face.pipeline import FacePipeline
 
 BROKER_START_TIMEOUT_S = 10.0
 # a 1 MiB gallery chunk plus topic and header; Mosquitto's default limit is far larger, but a deployment sets one

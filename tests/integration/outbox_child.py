@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from edge_agent.event_publisher import EventPublisher
-from edge_agent.outbox import Outbox
+from edge_agent.delivery.event_publisher import EventPublisher
+from edge_agent.delivery.outbox import Outbox
 from models.contract.events import AttendanceEvent, new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 

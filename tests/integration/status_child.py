@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from edge_agent.status import StatusConfig, StatusReporter, offline_will
+from edge_agent.health.status import StatusConfig, StatusReporter, offline_will
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 
 AGENT_VERSION = "0.1.0-child"

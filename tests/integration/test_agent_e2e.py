@@ -2,10 +2,10 @@
 `remove`, `publish` through its CLI, `serve` for ingest and gallery publication), the edge agent with the real models
 on rendered door-camera videos, and MQTT subscribers watching the wire.
 
-People are the shipped demo photos (edge_agent/demo_people): an enrolled person walks past the camera on a photo
-the gallery never saw. Site `hq` has four people enrolled; Alex Lacamoire (enrolled nowhere) and two strangers walk
-past too. Site `lab` holds a copy of Barack Obama (`lab-Barack_Obama`) and is the one whose gallery the tests change
-(late enrolment, removal, forgeries), so `hq` stays as it is for the others. Each test has its own device id, so
+People are the shipped demo photos (edge_agent/devtools/demo_people): an enrolled person walks past the camera on a
+photo the gallery never saw. Site `hq` has four people enrolled; Alex Lacamoire (enrolled nowhere) and two strangers
+walk past too. Site `lab` holds a copy of Barack Obama (`lab-Barack_Obama`) and is the one whose gallery the tests
+change (late enrolment, removal, forgeries), so `hq` stays as it is for the others. Each test has its own device id, so
 the events each stored at the server are its own.
 
 The scenarios print their key figures (visible with -s): events, duplicates on the wire and at the server, times
@@ -50,9 +50,9 @@ from waiting import wait_until
 from edge_agent.agent import EdgeAgent
 from edge_agent.capture import CameraState
 from edge_agent.config import config_from_dict
-from edge_agent.gallery_index import SAVED_FILE, GalleryStore
-from edge_agent.outbox import Outbox
-from edge_agent.videogen import GroundTruth
+from edge_agent.delivery.outbox import Outbox
+from edge_agent.devtools.videogen import GroundTruth
+from edge_agent.gallery.index import SAVED_FILE, GalleryStore
 from enrollment_server.store import AttendanceEvent
 from models.contract import topics
 from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.pipeline import FacePipeline, PipelineConfig
+from models.face.pipeline import FacePipeline, PipelineConfig
 
 pytest.importorskip("dlib")
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
@@ -19,7 +19,7 @@ def sample() -> list[Path]:
 
 
 def _fit(method: str, images: list[Path]):
-    from models.template_fit import DlibReference, fit_alignment, pair_faces
+    from models.face.template_fit import DlibReference, fit_alignment, pair_faces
 
     pipe = FacePipeline.create(PipelineConfig(alignment=method))
     paired, n, skipped = pair_faces(images, pipe, DlibReference())
@@ -39,6 +39,6 @@ def test_template_alignment_is_the_cruder_approximation(sample):
     median = float(np.median(fit.distances))
     assert 0.07 < median < 0.25
     # the fitted template agrees with the shipped one within the landmark spread
-    from models.alignment import TEMPLATE
+    from models.face.alignment import TEMPLATE
 
     assert np.abs(fit.template - TEMPLATE).max() < 2.0

@@ -34,10 +34,10 @@ from enrollment_server.api import MAX_FILES, create_app
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.enrollment import Enroller, EnrollReport
 from enrollment_server.store import AttendanceEvent, DeviceStatus, Store
-from models import quality as q
 from models.errors import ConfigError, StoreError
+from models.face import quality as q
+from models.face.pipeline import FacePipeline
 from models.imageio import load_image
-from models.pipeline import FacePipeline
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")

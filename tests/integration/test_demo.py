@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_agent.demo import DEMO_PEOPLE
+from edge_agent.devtools.demo import DEMO_PEOPLE
 from models.contract.events import AttendanceEvent
 
 

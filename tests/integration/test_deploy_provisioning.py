@@ -36,13 +36,13 @@ from models.contract import topics
 from models.contract.mqtt_link import InboundMessage, MqttConfig
 from models.contract.signing import Signer
 from models.contract.status import GalleryAck
-from models.fingerprint import encoder_fingerprint
+from models.face.fingerprint import encoder_fingerprint
 
 edge_config = pytest.importorskip("edge_agent.config", reason="the edge agent's config loader")
 edge_agent_module = pytest.importorskip("edge_agent.agent", reason="the edge agent's MQTT settings")
 agent_mqtt_config, check_files = edge_agent_module.mqtt_config, edge_agent_module.check_files
-gallery_index = pytest.importorskip("edge_agent.gallery_index")
-gallery_sync = pytest.importorskip("edge_agent.gallery_sync")
+gallery_index = pytest.importorskip("edge_agent.gallery.index")
+gallery_sync = pytest.importorskip("edge_agent.gallery.sync")
 
 SITE = "hq"
 DELIVERY_S = 10.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bench import (
+from edge_agent.devtools.bench import (
     LATENCIES,
     BenchReport,
     EventLatency,
@@ -20,8 +20,8 @@ from edge_agent.bench import (
     Throughput,
     VideoInfo,
 )
-from edge_agent.demo import DEMO_PEOPLE
-from edge_agent.videogen import GroundTruth, VideoSpec, generate_video, load_people, plan_appearances
+from edge_agent.devtools.demo import DEMO_PEOPLE
+from edge_agent.devtools.videogen import GroundTruth, VideoSpec, generate_video, load_people, plan_appearances
 from models.backends import tensorrt_available
 
 ENROLLED = ("Barack_Obama", "Elon_Musk", "Mark_Zuckerberg")

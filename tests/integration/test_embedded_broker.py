@@ -1,5 +1,5 @@
-"""The demo's embedded MQTT broker (edge_agent/embedded_broker.py), driven by our own PahoMqttLink the way the edge
-agent and the server use it, plus raw sockets for what paho cannot be made to do (silence, oversized packets)."""
+"""The demo's embedded MQTT broker (edge_agent/devtools/embedded_broker.py), driven by our own PahoMqttLink the way the
+edge agent and the server use it, plus raw sockets for what paho cannot be made to do (silence, oversized packets)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import CONNECT_TIMEOUT_S, FAST_RECONNECT, LinkFactory
 
-from edge_agent.embedded_broker import EmbeddedBroker, topic_matches
+from edge_agent.devtools.embedded_broker import EmbeddedBroker, topic_matches
 from models.contract.limits import DEFAULT_CHUNK_SIZE, KIB, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink, Will
 from models.errors import EmbeddedBrokerError

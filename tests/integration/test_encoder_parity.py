@@ -9,7 +9,7 @@ import pytest
 
 from models import registry
 from models.backends.onnxruntime_backend import OnnxRuntimeBackend
-from models.dlib_onnx import convert_dlib_bytes
+from models.face.dlib_onnx import convert_dlib_bytes
 
 dlib = pytest.importorskip("dlib")
 face_recognition_models = pytest.importorskip("face_recognition_models")

@@ -10,10 +10,10 @@ from PIL import Image
 from enrollment_server.config import EnrollmentSection
 from enrollment_server.enrollment import Enroller, import_folder
 from enrollment_server.store import Store
-from models import quality as q
 from models.errors import ConflictError, ImageError
+from models.face import quality as q
+from models.face.pipeline import FacePipeline
 from models.imageio import load_image
-from models.pipeline import FacePipeline
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")

@@ -1,5 +1,5 @@
-"""The outbox drained to a real Mosquitto by EventPublisher (edge_agent/event_publisher.py): delivery and latency,
-a broker outage, a graceful stop with the broker down, and `kill -9` of the publishing process.
+"""The outbox drained to a real Mosquitto by EventPublisher (edge_agent/delivery/event_publisher.py): delivery and
+latency, a broker outage, a graceful stop with the broker down, and `kill -9` of the publishing process.
 
 The consumer is a persistent session (clean_session=False, a stable client id, QoS 1), as the server's ingest is:
 what the broker accepted while the consumer was away is delivered when it is back.
@@ -23,8 +23,8 @@ import pytest
 from outbox_child import make_event
 from waiting import wait_until
 
-from edge_agent.event_publisher import EventPublisher
-from edge_agent.outbox import Outbox
+from edge_agent.delivery.event_publisher import EventPublisher
+from edge_agent.delivery.outbox import Outbox
 from models.contract import topics
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage

@@ -131,7 +131,7 @@ def faces() -> Faces:
     """Real embeddings: two photos each of three people of the development set, through the real pipeline."""
     if not FACES.is_dir():
         pytest.skip(f"the development face set {FACES} is absent")
-    from models.pipeline import FacePipeline
+    from models.face.pipeline import FacePipeline
 
     pipeline = FacePipeline.create()
     templates: dict[str, list[tuple[str, np.ndarray]]] = {}

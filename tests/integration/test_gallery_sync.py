@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.gallery_index import SAVED_FILE, GalleryIndex, GalleryStore, IndexHolder
-from edge_agent.gallery_sync import GallerySync
+from edge_agent.gallery.index import SAVED_FILE, GalleryIndex, GalleryStore, IndexHolder
+from edge_agent.gallery.sync import GallerySync
 from enrollment_server.bench_gallery import FINGERPRINT as BENCH_FP
 from enrollment_server.bench_gallery import load_synthetic
 from enrollment_server.gallery_publisher import GalleryPublisher

@@ -6,9 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.imageio import load_image
-from models.pipeline import FacePipeline
-from models.quality import (
+from models.face.pipeline import FacePipeline
+from models.face.quality import (
     NO_FACE,
     OFF_FRONTAL,
     SEVERAL_FACES,
@@ -18,6 +17,7 @@ from models.quality import (
     assess_photo,
     face_figures,
 )
+from models.imageio import load_image
 from models.types import Detection, FaceEmbedding
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"

@@ -26,7 +26,7 @@ from models.contract.signing import Verifier
 from models.contract.status import EdgeStatus
 from models.contract.timestamps import utc_now
 from models.errors import ContractError
-from models.fingerprint import encoder_fingerprint
+from models.face.fingerprint import encoder_fingerprint
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 SITE = "hq"

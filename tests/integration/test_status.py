@@ -1,4 +1,4 @@
-"""The edge's retained status (edge_agent/status.py) on a real Mosquitto: `online` with health figures on start,
+"""The edge's retained status (edge_agent/health/status.py) on a real Mosquitto: `online` with health figures on start,
 periodically and on poke; `offline` (the last will, retained) when the edge process is SIGKILLed; `stopped` on a
 clean stop; `online` again after a broker restart; and the enrollment server's device view of all three.
 """
@@ -22,7 +22,7 @@ from status_child import AGENT_VERSION as CHILD_VERSION
 from status_child import FINGERPRINT as CHILD_FINGERPRINT
 from waiting import wait_until
 
-from edge_agent.status import HEALTH_DROPPED_KEY, HEALTH_ERROR_KEY, StatusConfig, StatusReporter, offline_will
+from edge_agent.health.status import HEALTH_DROPPED_KEY, HEALTH_ERROR_KEY, StatusConfig, StatusReporter, offline_will
 from enrollment_server.cli import EXIT_OK
 from enrollment_server.cli import main as server_cli
 from enrollment_server.ingest import Ingest
@@ -215,7 +215,7 @@ def test_bad_health_is_reported_not_fatal(mosquitto, mqtt_links, make_edge, capl
     assert HEALTH_ERROR_KEY not in recovered.health
     assert edge.reporter.stats().health_errors >= 1
     # one error line with the traceback, not one per status
-    errors = [r for r in caplog.records if r.name == "edge_agent.status" and r.levelname == "ERROR"]
+    errors = [r for r in caplog.records if r.name == "edge_agent.health.status" and r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info is not None
 
 

@@ -184,7 +184,7 @@ def test_cli_train_export_and_run_the_network(capsys, tmp_path: Path):
 
 def test_cli_stylize_optimiser_mode(capsys, tmp_path: Path):
     content = tmp_path / "cat.png"
-    from models.drawing import write_png
+    from models.face.drawing import write_png
 
     write_png(content, skimage_data.chelsea())
     out, grid = tmp_path / "g.png", tmp_path / "grid.png"

@@ -1,4 +1,4 @@
-"""The offline style worker (edge_agent/style_worker.py) with a real style network (a tiny one trained and exported
+"""The offline style worker (edge_agent/style/worker.py) with a real style network (a tiny one trained and exported
 here with the project's own tools), real snapshots of a real face photo written by SnapshotStore, and a real
 Mosquitto: the stylised JPEG lands next to the snapshot, the follow-up message arrives with the right references,
 nothing happens while the door is busy, the queue survives a restart, a broker outage and `kill -9`, and bad
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from waiting import wait_until
 
-from edge_agent.snapshots import SnapshotConfig, SnapshotStore
-from edge_agent.style_worker import (
+from edge_agent.delivery.snapshots import SnapshotConfig, SnapshotStore
+from edge_agent.style.worker import (
     MAX_ATTEMPTS,
     StyleConfig,
     StyleQueue,
@@ -85,7 +85,7 @@ def face_photo() -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A real face photo (RGB) and its face box from the project's detector."""
     if not FACES.is_dir():
         pytest.skip("the development face set is absent")
-    from models.detector import RetinaFaceDetector
+    from models.face.detector import RetinaFaceDetector
 
     photo = sorted((FACES / "Barack_Obama").glob("*.jpg"))[0]
     image = load_image(photo)
@@ -428,8 +428,8 @@ def test_disabled_by_default(tmp_path, snapshots, face_photo):
 CHILD = """
 import os, signal, sys, time
 from pathlib import Path
-from edge_agent.snapshots import SnapshotConfig, SnapshotStore
-from edge_agent.style_worker import PublishLater, StyleConfig, StyleSpec, StyleWorker
+from edge_agent.delivery.snapshots import SnapshotConfig, SnapshotStore
+from edge_agent.style.worker import PublishLater, StyleConfig, StyleSpec, StyleWorker
 root, model, queue = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 store = SnapshotStore(SnapshotConfig(dir=root, mode="face"))
 cfg = StyleConfig(enabled=True, styles=(StyleSpec("mosaic", model),), queue=queue, idle_after_s=0)
@@ -491,7 +491,7 @@ def test_kill_9_mid_queue_resumes(tmp_path, style_model, face_photo, snapshots, 
 def test_a_painter_process_that_dies_is_replaced(
     tmp_path, style_model, face_photo, snapshots, workers, monkeypatch, caplog
 ):
-    import edge_agent.style_worker as style_worker
+    import edge_agent.style.worker as style_worker
 
     monkeypatch.setattr(style_worker, "PAINTER_RESTART_S", (0.2, 1.0))
     sent: list[StylizedSnapshot] = []

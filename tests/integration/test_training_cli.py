@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from models.cli.model_tool import EXIT_FATAL, EXIT_OK, main
-from models.decision import DecisionRule
-from models.fingerprint import encoder_fingerprint
+from models.decision.rules import DecisionRule
+from models.face.fingerprint import encoder_fingerprint
 from models.training.adapter import ADAPTER_ONNX, EmbeddingAdapter, adapter_fingerprint
 from models.training.verifier import SiameseVerifier
 

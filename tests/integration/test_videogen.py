@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.videogen import (
+from edge_agent.devtools.videogen import (
     OCCLUSION_RANGE,
     Appearance,
     GroundTruth,
@@ -23,7 +23,7 @@ from edge_agent.videogen import (
     truth_path,
 )
 from models.errors import VideoGenError
-from models.pipeline import FacePipeline
+from models.face.pipeline import FacePipeline
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 # their photos agree with each other (< 0.45 between any two): the test measures the generator, not the data set

@@ -17,16 +17,16 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.attendance import AttendanceConfig, AttendanceGate
 from edge_agent.capture import CameraConfig, CameraSet
-from edge_agent.gallery_index import GalleryIndex, IndexHolder
-from edge_agent.recognizer import DecisionReason, TrackDecision
-from edge_agent.tracker import iou_matrix
-from edge_agent.videogen import GroundTruth, VideoSpec, generate_video, plan_appearances
-from edge_agent.worker import InferenceWorker, VideoRun, WorkerConfig, run_video
+from edge_agent.devtools.videogen import GroundTruth, VideoSpec, generate_video, plan_appearances
+from edge_agent.gallery.index import GalleryIndex, IndexHolder
+from edge_agent.recognition.attendance import AttendanceConfig, AttendanceGate
+from edge_agent.recognition.recognizer import DecisionReason, TrackDecision
+from edge_agent.recognition.tracker import iou_matrix
+from edge_agent.recognition.worker import InferenceWorker, VideoRun, WorkerConfig, run_video
 from models.contract.gallery import Gallery, GalleryPerson
 from models.errors import BackendError
-from models.pipeline import FacePipeline
+from models.face.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 

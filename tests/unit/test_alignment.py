@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from models.alignment import CHIP_SIZE, TEMPLATE, Aligner, similarity_transform, warp_chip
 from models.errors import ConfigError, ImageError
+from models.face.alignment import CHIP_SIZE, TEMPLATE, Aligner, similarity_transform, warp_chip
 from models.types import Detection
 
 

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.attendance import AttendanceConfig, AttendanceGate
-from edge_agent.recognizer import DecisionReason, RecognitionConfig, Recognizer, TrackDecision, Trigger
+from edge_agent.recognition.attendance import AttendanceConfig, AttendanceGate
+from edge_agent.recognition.recognizer import DecisionReason, RecognitionConfig, Recognizer, TrackDecision, Trigger
 from models.config import load_dataclass
 from models.errors import ConfigError
 
@@ -143,10 +143,10 @@ def test_config_loads_strictly() -> None:
 def test_real_embeddings_two_tracks_of_one_person_make_one_event() -> None:
     """A person's track is decided from real photo embeddings, the person leaves and comes back (a second track a
     minute later): two decisions for the same person, one event; a stranger's track is refused."""
-    from edge_agent.gallery_index import GalleryIndex
-    from edge_agent.tracker import Tracker
+    from edge_agent.gallery.index import GalleryIndex
+    from edge_agent.recognition.tracker import Tracker
     from models.contract.gallery import Gallery, GalleryPerson
-    from models.pipeline import FacePipeline
+    from models.face.pipeline import FacePipeline
     from models.types import Detection
 
     pipe = FacePipeline.create()

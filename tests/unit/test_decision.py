@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from models.decision import (
+from models.decision.rules import (
     DEFAULT_MAX_DISTANCE,
     Decision,
     DecisionRule,

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from models.detector import (
+from models.errors import ConfigError, ImageError
+from models.face.detector import (
     MIN_CANVAS,
     DetectorConfig,
     RetinaFaceDetector,
@@ -22,7 +23,6 @@ from models.detector import (
     anchors_for,
     nms,
 )
-from models.errors import ConfigError, ImageError
 from models.imageio import load_image
 from models.registry import DETECTOR
 

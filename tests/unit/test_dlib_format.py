@@ -9,7 +9,8 @@ import pytest
 from dlib_bytes import pack_float, pack_int, pack_string
 
 from models import registry
-from models.dlib_format import (
+from models.errors import ModelFormatError
+from models.face.dlib_format import (
     AddPrev,
     Affine,
     AvgPool,
@@ -23,8 +24,7 @@ from models.dlib_format import (
     Tag,
     parse_dlib_network,
 )
-from models.dlib_onnx import convert_dlib_bytes
-from models.errors import ModelFormatError
+from models.face.dlib_onnx import convert_dlib_bytes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Integers

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from dlib_bytes import pack_float, pack_int
 
-from models import dlib_shape as ds
 from models import registry
 from models.errors import ImageError, ModelError, ModelFormatError
+from models.face import dlib_shape as ds
 from models.imageio import load_image
 from models.registry import SHAPE_PREDICTOR
 
@@ -160,7 +160,7 @@ def real_bytes() -> bytes:
 
 
 def test_fast_scan_equals_reader_scan(real_bytes: bytes) -> None:
-    """The vectorised tokeniser against models.dlib_format's Reader, on a prefix cut at a token boundary."""
+    """The vectorised tokeniser against models.face.dlib_format's Reader, on a prefix cut at a token boundary."""
     offsets, _ = ds._scan_fast(real_bytes)  # type: ignore[misc]
     cut = int(offsets[np.searchsorted(offsets, 300_000)])
     slow = ds._scan_slow(real_bytes[:cut])

@@ -11,10 +11,10 @@ import yaml
 from edge_agent.agent import check_files, mqtt_config
 from edge_agent.cli import main
 from edge_agent.config import config_from_dict, load_config
-from edge_agent.recognizer import DEFAULT_RULE
+from edge_agent.recognition.recognizer import DEFAULT_RULE
 from edge_agent.systemd_notify import notify
 from models.contract.signing import Signer
-from models.decision import DecisionRule
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError
 from models.training.calibration import parse_decision_fragment
 

@@ -18,8 +18,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from models.decision import DecisionRule
-from models.evaluation import (
+from models.decision.rules import DecisionRule
+from models.evaluation.scoring import (
     EvaluationError,
     Protocol,
     build_protocol,

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from edge_agent.gallery_index import SAVED_FILE, GalleryIndex, GalleryStore, IndexHolder, IndexParams
+from edge_agent.gallery.index import SAVED_FILE, GalleryIndex, GalleryStore, IndexHolder, IndexParams
 from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes
 from models.contract.signing import Signer
-from models.decision import DecisionRule, Neighbours, pairwise_distances
+from models.decision.rules import DecisionRule, Neighbours, pairwise_distances
 from models.errors import (
     ConfigError,
     FingerprintMismatchError,
@@ -60,7 +60,7 @@ def synthetic_10k() -> tuple[Gallery, np.ndarray]:
 
 
 def reference(gallery: Gallery, probes: np.ndarray) -> Neighbours:
-    """Brute force by models.decision, with person ids as labels."""
+    """Brute force by models.decision.rules, with person ids as labels."""
     ids = np.array([p.person_id for p in gallery.people], dtype=object)
     return Neighbours.from_embeddings(probes, gallery.embeddings, ids[gallery.labels])
 

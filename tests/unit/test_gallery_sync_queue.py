@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from edge_agent.gallery_index import GalleryIndex, IndexHolder
-from edge_agent.gallery_sync import GallerySync
+from edge_agent.gallery.index import GalleryIndex, IndexHolder
+from edge_agent.gallery.sync import GallerySync
 from models.contract import limits, topics
 from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes
 from models.contract.mqtt_link import Handler, InboundMessage, MqttLink, PublishHandle

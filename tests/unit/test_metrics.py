@@ -1,6 +1,6 @@
-"""The edge's Prometheus endpoint (edge_agent/metrics.py) fetched over real HTTP and parsed as the text exposition
-format; the health-figure cleaning it shares with the status reporter (edge_agent/status.py); the latency EMA
-(edge_agent/latency.py)."""
+"""The edge's Prometheus endpoint (edge_agent/health/metrics.py) fetched over real HTTP and parsed as the text
+exposition format; the health-figure cleaning it shares with the status reporter (edge_agent/health/status.py); the
+latency EMA (edge_agent/recognition/latency.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.latency import LatencyEma
-from edge_agent.metrics import CONTENT_TYPE, MetricsConfig, MetricsServer, metric_name
-from edge_agent.status import StatusConfig, StatusReporter, clean_health, offline_will
+from edge_agent.health.metrics import CONTENT_TYPE, MetricsConfig, MetricsServer, metric_name
+from edge_agent.health.status import StatusConfig, StatusReporter, clean_health, offline_will
+from edge_agent.recognition.latency import LatencyEma
 from models.contract import limits
 from models.contract.status import EdgeStatus
 from models.errors import ConfigError
@@ -229,7 +229,7 @@ def test_a_failing_health_callable_is_counted_and_logged_once(serve, caplog, bad
     assert samples[series("faceattend_edge_health_ok")] == 0
     assert samples[series("faceattend_edge_metrics_health_errors_total")] == 3
     assert samples[series("faceattend_edge_metrics_scrapes_total")] == 3
-    errors = [r for r in caplog.records if r.name == "edge_agent.metrics" and r.levelname == "ERROR"]
+    errors = [r for r in caplog.records if r.name == "edge_agent.health.metrics" and r.levelname == "ERROR"]
     assert len(errors) == 2  # one for health(), one for counters(), not one per scrape
 
 
@@ -296,7 +296,7 @@ def test_metric_names_are_sanitised():
     assert metric_name("cameras", "front door", "fps/s") == "faceattend_edge_cameras_front_door_fps_s"
 
 
-# ---- health cleaning (edge_agent/status.py), shared by the status and the endpoint ----
+# ---- health cleaning (edge_agent/health/status.py), shared by the status and the endpoint ----
 
 
 def test_clean_health_fits_the_status_contract():

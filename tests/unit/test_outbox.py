@@ -1,4 +1,4 @@
-"""The durable outbox (edge_agent/outbox.py) on real SQLite files."""
+"""The durable outbox (edge_agent/delivery/outbox.py) on real SQLite files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import Outbox
+from edge_agent.delivery.outbox import Outbox
 from models.contract import topics
 from models.contract.events import AttendanceEvent, new_event
 from models.errors import ConfigError, OutboxError, OutboxFullError
@@ -102,7 +102,7 @@ def test_a_factory_that_ignores_its_seq_stores_nothing(path: Path) -> None:
 def test_overflow_drop_oldest_keeps_the_newest_and_counts(path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Outbox.open(path, max_events=3) as box:
         events = [box.put_new(make_event) for _ in range(3)]
-        with caplog.at_level(logging.ERROR, logger="edge_agent.outbox"):
+        with caplog.at_level(logging.ERROR, logger="edge_agent.delivery.outbox"):
             events += [box.put_new(make_event) for _ in range(2)]
         assert [i.seq for i in box.pending(10)] == [2, 3, 4]
         assert (box.depth(), box.dropped()) == (3, 2)
@@ -141,7 +141,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside(path: Path, caplog: pytest
     garbage = b"this is not an sqlite database at all" * 200
     path.write_bytes(garbage)
     before_ms = int(time.time() * 1000)
-    with caplog.at_level(logging.ERROR, logger="edge_agent.outbox"), Outbox.open(path) as box:
+    with caplog.at_level(logging.ERROR, logger="edge_agent.delivery.outbox"), Outbox.open(path) as box:
         event = box.put_new(make_event)
         assert box.depth() == 1
     (aside,) = _asides(path)

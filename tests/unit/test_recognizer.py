@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from detections import det
 
-from edge_agent.gallery_index import GalleryIndex
-from edge_agent.recognizer import (
+from edge_agent.gallery.index import GalleryIndex
+from edge_agent.recognition.recognizer import (
     DEFAULT_RULE,
     DecisionReason,
     RecognitionConfig,
@@ -26,12 +26,12 @@ from edge_agent.recognizer import (
     Trigger,
     vote,
 )
-from edge_agent.tracker import Tracker, TrackerConfig, TrackUpdate
+from edge_agent.recognition.tracker import Tracker, TrackerConfig, TrackUpdate
 from models.config import load_dataclass
 from models.contract.gallery import Gallery, GalleryPerson
-from models.decision import DecisionRule
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, RecognitionError
-from models.quality import LOW_CONFIDENCE, OFF_FRONTAL, TOO_BLURRED, TOO_SMALL
+from models.face.quality import LOW_CONFIDENCE, OFF_FRONTAL, TOO_BLURRED, TOO_SMALL
 from models.types import Detection
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
@@ -171,7 +171,7 @@ def test_vote_without_neighbours_and_with_a_single_identity() -> None:
     assert none.distance is None and none.margin is None and none.share == 0.0 and none.samples == 0
     single = vote([["a", None]], [[0.4, math.inf]], [1.0], RULE)
     assert single.person_id == "a" and single.second_distance is None and single.margin is None
-    # ratio / margin rules see d2 = inf with one identity: they fall back to their distance cap (models.decision)
+    # ratio / margin rules see d2 = inf with one identity: they fall back to their distance cap (models.decision.rules)
     assert vote([["a", None]], [[0.4, math.inf]], [1.0], DecisionRule.ratio(0.8)).person_id == "a"
     assert vote([["a", None]], [[0.7, math.inf]], [1.0], DecisionRule.ratio(0.8)).person_id is None
 
@@ -393,7 +393,7 @@ needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="the development fac
 
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator:
-    from models.pipeline import FacePipeline
+    from models.face.pipeline import FacePipeline
 
     pipe = FacePipeline.create()
     yield pipe

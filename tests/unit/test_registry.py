@@ -7,7 +7,7 @@ import pytest
 
 from models import registry
 from models.errors import ConfigError, ModelError
-from models.fingerprint import encoder_fingerprint
+from models.face.fingerprint import encoder_fingerprint
 from models.registry import DETECTOR, ENCODER
 
 

@@ -1,4 +1,4 @@
-"""The snapshot store (edge_agent/snapshots.py): modes, crops, retention, atomic writes."""
+"""The snapshot store (edge_agent/delivery/snapshots.py): modes, crops, retention, atomic writes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.snapshots import SnapshotConfig, SnapshotStore
+from edge_agent.delivery.snapshots import SnapshotConfig, SnapshotStore
 from models.config import load_dataclass
 from models.errors import ConfigError, ImageError, SnapshotError
 

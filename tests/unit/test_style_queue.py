@@ -1,4 +1,4 @@
-"""The style worker's persistent queue (edge_agent/style_worker.py StyleQueue), its configuration and helpers:
+"""The style worker's persistent queue (edge_agent/style/worker.py StyleQueue), its configuration and helpers:
 persistence across reopen, idempotent enqueue, overflow, a corrupt or newer file, message bookkeeping."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.style_worker import (
+from edge_agent.style.worker import (
     MAX_ATTEMPTS,
     IdleGate,
     StyleConfig,

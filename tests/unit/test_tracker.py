@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from detections import det as face_box
 
-from edge_agent.tracker import EndReason, Tracker, TrackerConfig, greedy_match, iou_matrix
+from edge_agent.recognition.tracker import EndReason, Tracker, TrackerConfig, greedy_match, iou_matrix
 from models.config import load_dataclass
 from models.errors import ConfigError
 from models.types import Detection
@@ -160,8 +160,8 @@ def test_config_loads_strictly() -> None:
 def test_real_detections_of_a_rendered_video_give_one_track_per_appearance() -> None:
     """The real detector on a rendered door video (three people, two of them side by side, occluders and motion
     blur): each appearance is one confirmed track, and tracks never mix people."""
-    from edge_agent.videogen import Appearance, VideoRenderer, VideoSpec, load_people
-    from models.detector import RetinaFaceDetector
+    from edge_agent.devtools.videogen import Appearance, VideoRenderer, VideoSpec, load_people
+    from models.face.detector import RetinaFaceDetector
 
     people = load_people(FACES)
     spec = VideoSpec(

@@ -10,7 +10,7 @@ import torch
 from training_data import FINGERPRINT, clusters, image_folder
 
 from models.errors import AdapterRejectedError, ModelError
-from models.evaluation import build_protocol, evaluate
+from models.evaluation.scoring import build_protocol, evaluate
 from models.training.adapter import (
     ADAPTER_MANIFEST,
     ADAPTER_ONNX,

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from training_data import clusters
 
-from models.decision import DecisionRule, pairwise_distances
+from models.decision.rules import DecisionRule, pairwise_distances
 from models.errors import ConfigError, DatasetError
 from models.training.calibration import (
     CalibrationSettings,

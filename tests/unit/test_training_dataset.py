@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from training_data import clusters, image_folder
 
-from models.detector import DetectorConfig
 from models.errors import DatasetError
+from models.face.detector import DetectorConfig
 from models.training.dataset import embed_dataset, held_out_protocol, require_identities, scan_dataset, split_people
 from models.types import Detection, FaceEmbedding
 

@@ -9,7 +9,7 @@ import pytest
 from training_data import FINGERPRINT, clusters, image_folder
 
 from models.errors import ConfigError, DatasetError, ModelError
-from models.evaluation import build_protocol, evaluate
+from models.evaluation.scoring import build_protocol, evaluate
 from models.registry import sha256_bytes
 from models.training.export import verifier_onnx
 from models.training.site_verifier import DISTANCE_ONLY

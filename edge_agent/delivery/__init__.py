@@ -1,0 +1,1 @@
+"""Event delivery from the edge: durable outbox, PUBACK-gated publisher, snapshots."""

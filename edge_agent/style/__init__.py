@@ -1,0 +1,1 @@
+"""Offline stylisation of snapshots in an idle, low-priority child process."""
