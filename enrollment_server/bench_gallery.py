@@ -182,6 +182,8 @@ class Subscriber:
         self.cpu_s = 0.0
         self._lock = threading.Lock()
         link.subscribe(topics.site_gallery_filter(site), 1, self._feed)
+        if not link.wait_subscribed(topics.site_gallery_filter(site), 10.0):
+            raise MqttError(f"the broker did not grant the subscription to {site}'s gallery within 10 s")
 
     def _feed(self, msg: InboundMessage) -> None:
         started = time.perf_counter()
@@ -226,7 +228,6 @@ def bench(args: argparse.Namespace, broker_url: str, db_url: str) -> list[Run]:
                 f"store read alone {time.perf_counter() - read_start:.2f} s"
             )
             subscriber = Subscriber(edge, signer, site)
-            time.sleep(0.3)  # SUBACK
             publisher = GalleryPublisher(
                 store, server, signer, FINGERPRINT, dtype=dtype, chunk_size=args.chunk_kib * 1024, ack_timeout_s=120
             )

@@ -219,6 +219,11 @@ class Ingest:
             self._link.subscribe(topic_filter, 1, self._handler(kind))
         log.info("ingest: subscribed to %s", ", ".join(_FILTERS.values()))
 
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """True once the broker granted every ingest filter on the current connection (SUBACK)."""
+        deadline = time.monotonic() + timeout
+        return all(self._link.wait_subscribed(f, max(0.0, deadline - time.monotonic())) for f in _FILTERS.values())
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Store what is queued (for at most `timeout` s), then end the worker.
 

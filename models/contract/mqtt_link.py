@@ -9,6 +9,9 @@ against a real Mosquitto):
   There is no reconnect loop of ours. A broker that is down at start-up is simply retried.
 - Subscriptions are remembered and (re)made in `on_connect`, so they survive reconnects and broker restarts even
   with a clean session. Every SUBSCRIBE makes the broker replay retained messages: handlers see duplicates.
+  `wait_subscribed(filter)` turns True once the broker's SUBACK granted the filter on the current connection
+  (paho's `on_subscribe`), and False again when the connection is lost: after it, a message published to the
+  filter is delivered.
 - Handlers run on paho's network thread, one at a time; an exception in a handler is logged and the loop goes
   on. A slow handler delays everything else on the link (including PUBACKs and keep-alives): hand heavy work to
   a worker thread. Never call `stop()` from a handler.
@@ -207,6 +210,10 @@ class MqttLink(abc.ABC):
         """Remembered: (re)made on every connect. One handler per filter; a later call replaces it."""
 
     @abc.abstractmethod
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        """True once the broker granted `topic_filter` (SUBACK) on the current connection; False on timeout."""
+
+    @abc.abstractmethod
     def unsubscribe(self, topic_filter: str) -> None: ...
 
     @abc.abstractmethod
@@ -252,6 +259,9 @@ class PahoMqttLink(MqttLink):
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._pending: dict[int, PublishHandle] = {}
         self._early_acks: dict[int, int] = {}  # PUBACKs that beat publish() to registering their handle
+        self._sub_mids: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters, until the SUBACK
+        self._early_subacks: dict[int, list[bool]] = {}  # SUBACKs that beat subscribe() to registering the mid
+        self._granted: dict[str, threading.Event] = {}  # filter -> set while granted on this connection
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
         self._started = False
@@ -368,16 +378,45 @@ class PahoMqttLink(MqttLink):
             raise MqttError(f"qos must be 0, 1 or 2, got {qos!r}")
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
+            self._granted.setdefault(topic_filter, threading.Event())
             # decided under the lock that on_connect also takes: either on_connect's snapshot holds this filter
             # or we see the connection and subscribe now (at worst both: a harmless double SUBSCRIBE)
             now = self._connected.is_set()
         if now:
-            self._client.subscribe(topic_filter, qos)
+            _rc, mid = self._client.subscribe(topic_filter, qos)
+            self._track_subscribe(mid, [topic_filter])
+
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        with self._lock:
+            granted = self._granted.get(topic_filter)
+        if granted is None:
+            raise MqttError(f"wait_subscribed({topic_filter!r}): never subscribed on this link")
+        return granted.wait(timeout)
+
+    def _track_subscribe(self, mid: int | None, filters: list[str]) -> None:
+        if mid is None:  # not sent (no connection): on_connect subscribes again
+            return
+        with self._lock:
+            early = self._early_subacks.pop(mid, None)
+            if early is None:
+                self._sub_mids[mid] = filters
+        if early is not None:
+            self._grant(filters, early)
+
+    def _grant(self, filters: list[str], ok: list[bool]) -> None:
+        with self._lock:
+            for topic_filter, granted in zip(filters, ok, strict=False):
+                event = self._granted.get(topic_filter)
+                if granted and event is not None and topic_filter in self._subs:
+                    event.set()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             known = self._subs.pop(topic_filter, None) is not None
+            granted = self._granted.pop(topic_filter, None)
             now = self._connected.is_set()
+        if granted is not None:
+            granted.clear()
         if known and now:
             self._client.unsubscribe(topic_filter)
 
@@ -405,7 +444,8 @@ class PahoMqttLink(MqttLink):
         self._connect_failures = 0
         log.info("mqtt: connected to %s (session present: %s)", self._config.url, flags.session_present)
         if subs:
-            client.subscribe(subs)
+            _rc, mid = client.subscribe(subs)
+            self._track_subscribe(mid, [f for f, _ in subs])
         self._notify(listeners, True)
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
@@ -419,6 +459,10 @@ class PahoMqttLink(MqttLink):
             was_connected = self._connected.is_set()
             self._connected.clear()
             listeners = list(self._listeners)
+            for granted in self._granted.values():
+                granted.clear()  # a new connection subscribes again
+            self._sub_mids.clear()
+            self._early_subacks.clear()
         if self._stopped:
             log.info("mqtt: disconnected from %s", self._config.url)
         elif was_connected:
@@ -442,6 +486,13 @@ class PahoMqttLink(MqttLink):
         if failed:
             # typically an ACL: the filter stays remembered and is retried on the next reconnect
             log.error("mqtt: broker refused subscription (mid %d): %s", mid, ", ".join(failed))
+        ok = [not r.is_failure for r in reasons]
+        with self._lock:
+            filters = self._sub_mids.pop(mid, None)
+            if filters is None:
+                self._early_subacks[mid] = ok
+        if filters is not None:
+            self._grant(filters, ok)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

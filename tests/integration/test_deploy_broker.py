@@ -73,7 +73,8 @@ class Inbox:
         self._cond = threading.Condition()
         for f in filters:
             link.subscribe(f, 1, self._on)
-        time.sleep(0.3)  # SUBACK
+        for f in filters:
+            assert link.wait_subscribed(f, 5.0)
 
     def _on(self, msg: InboundMessage) -> None:
         with self._cond:

@@ -138,7 +138,7 @@ class Acks:
     def __init__(self, link) -> None:
         self.got: queue.Queue[GalleryAck] = queue.Queue()
         link.subscribe(topics.ALL_GALLERY_ACKS, 1, self._on)
-        time.sleep(0.3)
+        assert link.wait_subscribed(topics.ALL_GALLERY_ACKS, 5.0)
 
     def _on(self, msg: InboundMessage) -> None:
         self.got.put(GalleryAck.from_json(msg.payload))

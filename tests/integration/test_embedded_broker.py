@@ -47,8 +47,9 @@ class Inbox:
             self.messages.clear()
 
 
-def wait_subscribed(publisher: PahoMqttLink, inbox: Inbox, probe_topic: str) -> None:
-    """The link gives no SUBACK signal: probe with QoS 0 messages until one arrives, then forget the probes."""
+def barrier(publisher: PahoMqttLink, inbox: Inbox, probe_topic: str) -> None:
+    """A probe through the broker behind whatever it was sending this subscriber: once it arrives, anything the
+    broker sent before it (a retained replay) has arrived too. Probes until one lands, then forgets them."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         publisher.publish(probe_topic, b"probe", qos=0)
@@ -62,13 +63,15 @@ def wait_subscribed(publisher: PahoMqttLink, inbox: Inbox, probe_topic: str) -> 
 def started_link(
     links: LinkFactory, broker: EmbeddedBroker, subs: dict[str, Inbox], will: Will | None = None, **options: object
 ) -> PahoMqttLink:
-    """Subscribed before start: messages a broker delivers right after CONNACK (a persistent session's queue)
-    find their handler."""
+    """Subscribed before start, so messages a broker delivers right after CONNACK (a persistent session's queue)
+    find their handler; returns once every filter is granted (SUBACK)."""
     link = links.make(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}), will=will)
     for topic_filter, inbox in subs.items():
         link.subscribe(topic_filter, 1, inbox)
     link.start()
     assert link.wait_connected(CONNECT_TIMEOUT_S)
+    for topic_filter in subs:
+        assert link.wait_subscribed(topic_filter, CONNECT_TIMEOUT_S)
     return link
 
 
@@ -158,8 +161,6 @@ def test_wildcard_subscribers_receive_matching_topics_only(broker: EmbeddedBroke
     started_link(
         mqtt_links, broker, {"faceattend/v1/edge/+/events": events, "faceattend/v1/site/main/gallery/#": gallery}
     )
-    wait_subscribed(publisher, events, "faceattend/v1/edge/probe/events")
-    wait_subscribed(publisher, gallery, "faceattend/v1/site/main/gallery/probe")
 
     sent = {
         "faceattend/v1/edge/door-1/events": b"e1",
@@ -205,7 +206,7 @@ def test_retained_message_replayed_to_late_subscriber_and_cleared_by_empty_paylo
     later = Inbox()
     probe = "faceattend/v1/site/main/gallery/probe"
     started_link(mqtt_links, broker, {"faceattend/v1/site/main/gallery/#": later})
-    wait_subscribed(publisher, later, probe)  # by now any replay would have come before the probe
+    barrier(publisher, later, probe)  # by now any replay would have come before the probe
     assert later.messages == []
 
 
@@ -216,7 +217,6 @@ def test_persistent_session_gets_qos1_messages_published_while_away(
     publisher = mqtt_links(broker)
     inbox = Inbox()
     first = started_link(mqtt_links, broker, {topic_filter: inbox}, client_id=client_id, clean_session=False)
-    wait_subscribed(publisher, inbox, "faceattend/v1/edge/probe/events")
     first.stop()  # DISCONNECT: the broker keeps the session
 
     payloads = [f"event-{i}".encode() for i in range(10)]
@@ -235,7 +235,6 @@ def test_persistent_session_queue_is_bounded(mqtt_links: LinkFactory) -> None:
         publisher = mqtt_links(broker)
         inbox = Inbox()
         first = started_link(mqtt_links, broker, {topic: inbox}, client_id=client_id, clean_session=False)
-        wait_subscribed(publisher, inbox, topic)
         first.stop()
         assert all(publisher.publish(topic, str(i).encode(), qos=1).wait(WAIT_S) for i in range(8))
 
@@ -250,8 +249,7 @@ def test_persistent_session_queue_is_bounded(mqtt_links: LinkFactory) -> None:
 
 def test_last_will_on_abrupt_drop_only(broker: EmbeddedBroker, mqtt_links: LinkFactory) -> None:
     status = Inbox()
-    observer = started_link(mqtt_links, broker, {"faceattend/v1/edge/+/status": status})
-    wait_subscribed(observer, status, "faceattend/v1/edge/probe/status")
+    started_link(mqtt_links, broker, {"faceattend/v1/edge/+/status": status})
 
     # a clean stop sends DISCONNECT: the broker discards the will
     polite = mqtt_links(broker, will=Will("faceattend/v1/edge/polite/status", b"offline"))
@@ -283,8 +281,7 @@ def test_last_will_on_abrupt_drop_only(broker: EmbeddedBroker, mqtt_links: LinkF
 
 def test_pingreq_and_keepalive_timeout_sends_the_will(broker: EmbeddedBroker, mqtt_links: LinkFactory) -> None:
     status = Inbox()
-    observer = started_link(mqtt_links, broker, {"faceattend/v1/edge/+/status": status})
-    wait_subscribed(observer, status, "faceattend/v1/edge/probe/status")
+    started_link(mqtt_links, broker, {"faceattend/v1/edge/+/status": status})
 
     will = Will("faceattend/v1/edge/silent/status", b"offline", qos=1, retain=False)
     sock, connack = raw_connect(broker, "silent", keepalive=1, will=will)
@@ -337,8 +334,7 @@ def test_gallery_sized_payloads(broker: EmbeddedBroker, mqtt_links: LinkFactory)
 def test_thousand_qos1_messages_from_five_publishers(broker: EmbeddedBroker, mqtt_links: LinkFactory) -> None:
     per_publisher, publishers = 200, 5
     inbox = Inbox()
-    subscriber = started_link(mqtt_links, broker, {"faceattend/v1/edge/+/events": inbox})
-    wait_subscribed(subscriber, inbox, "faceattend/v1/edge/probe/events")
+    started_link(mqtt_links, broker, {"faceattend/v1/edge/+/events": inbox})
     links = [mqtt_links(broker) for _ in range(publishers)]
     failures: list[str] = []
 

@@ -450,7 +450,7 @@ def test_device_statuses_and_acks_show_in_list_devices_with_lag(
     enroll_synthetic(store, SITE, {"ann": 2})
     ingest = Ingest(store, mqtt_links(mosquitto))
     ingest.start()
-    time.sleep(0.3)  # SUBACKs
+    assert ingest.wait_subscribed()
     publisher = GalleryPublisher(store, server_link, signer, SYNTHETIC_FP)
     assert publisher.publish(SITE).version == 1
 

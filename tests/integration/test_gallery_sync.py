@@ -55,7 +55,7 @@ class Acks:
     def __init__(self, link: MqttLink) -> None:
         self._got: queue.Queue[GalleryAck] = queue.Queue()
         link.subscribe(topics.gallery_ack(DEVICE), 1, self._on)
-        time.sleep(0.3)  # SUBACK: acks are not retained
+        assert link.wait_subscribed(topics.gallery_ack(DEVICE), 5.0)
 
     def _on(self, msg: InboundMessage) -> None:
         self._got.put(GalleryAck.from_json(msg.payload))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -60,7 +59,7 @@ def running(store: Store, mosquitto, mqtt_links) -> Iterator[tuple[Ingest, MqttL
     """An ingest on its own link, and an edge link to publish with."""
     ingest = Ingest(store, mqtt_links(mosquitto))
     ingest.start()
-    time.sleep(0.3)  # SUBACKs
+    assert ingest.wait_subscribed()
     yield ingest, mqtt_links(mosquitto)
     ingest.stop()
 
@@ -167,7 +166,7 @@ def test_events_published_while_the_server_is_away_wait_in_its_session(store: St
     first.start()
     first_link.start()
     assert first_link.wait_connected(10.0)
-    time.sleep(0.3)
+    assert first.wait_subscribed()
     first_link.stop()  # the server goes away: its session (and subscription) stays at the broker
     assert first.stop()
 
@@ -204,7 +203,7 @@ def test_a_full_queue_holds_pubacks_and_loses_nothing(store: Store, mosquitto, m
     gated = GatedStore(store)
     ingest = Ingest(gated, mqtt_links(mosquitto), queue_size=2, batch_size=1)  # type: ignore[arg-type]
     ingest.start()
-    time.sleep(0.3)
+    assert ingest.wait_subscribed()
     edge = mqtt_links(mosquitto)
     sent = [event(seq=i) for i in range(40)]
     handles = [edge.publish(topics.edge_events("door-1"), e.to_json()) for e in sent]
@@ -250,7 +249,7 @@ def test_an_unreachable_database_is_retried_and_a_refused_row_rejected_alone(sto
     flaky = FlakyStore(store)
     ingest = Ingest(flaky, mqtt_links(mosquitto))  # type: ignore[arg-type]
     ingest.start()
-    time.sleep(0.3)
+    assert ingest.wait_subscribed()
     edge = mqtt_links(mosquitto)
     door1 = topics.edge_events("door-1")
 

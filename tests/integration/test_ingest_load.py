@@ -57,7 +57,7 @@ def test_50_edges_through_a_broker_restart_every_event_stored_once(store: Store,
     ingest.start()
     link.start()
     assert link.wait_connected(10.0)
-    time.sleep(0.3)  # SUBACK
+    assert ingest.wait_subscribed()
 
     per = EDGES // PROCESSES
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

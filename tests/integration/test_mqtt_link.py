@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -80,12 +79,28 @@ def test_qos1_publish_waits_for_puback_and_is_received(mosquitto, links):
     sub = connected(start_link(links, mosquitto))
     inbox = Inbox()
     sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
-    time.sleep(0.3)  # let the SUBACK land before publishing
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     pub = connected(start_link(links, mosquitto))
     handle = pub.publish(topics.edge_events("door-1"), b"hello", qos=1)
     assert handle.wait(5.0) and handle.acknowledged and not handle.rejected
     msg = inbox.get()
     assert (msg.topic, msg.payload, msg.qos, msg.retain) == (topics.edge_events("door-1"), b"hello", 1, False)
+
+
+def test_wait_subscribed_follows_the_suback(mosquitto, links):
+    link = start_link(links, mosquitto)
+    with pytest.raises(MqttError, match="never subscribed"):
+        link.wait_subscribed(topics.ALL_EDGE_EVENTS, 0.0)
+    mosquitto.stop()
+    link.subscribe(topics.ALL_EDGE_EVENTS, 1, Inbox())
+    assert not link.wait_subscribed(topics.ALL_EDGE_EVENTS, 0.5)  # no broker, no SUBACK
+    mosquitto.start()
+    assert link.wait_subscribed(topics.ALL_EDGE_EVENTS, CONNECT_TIMEOUT_S)  # made by on_connect
+    link.subscribe(topics.ALL_EDGE_STATUS, 1, Inbox())  # made at once on the live connection
+    assert link.wait_subscribed(topics.ALL_EDGE_STATUS, 5.0)
+    link.unsubscribe(topics.ALL_EDGE_STATUS)
+    with pytest.raises(MqttError, match="never subscribed"):
+        link.wait_subscribed(topics.ALL_EDGE_STATUS, 0.0)
 
 
 def test_many_publishes_beyond_the_inflight_window(mosquitto, links):
@@ -135,7 +150,7 @@ def test_one_mib_chunks_pass_the_broker(mosquitto, links):
     sub = connected(start_link(links, mosquitto))
     inbox = Inbox()
     sub.subscribe(topics.site_gallery_filter("big"), 1, inbox)
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.site_gallery_filter("big"), 5.0)
     pub = connected(start_link(links, mosquitto))
     assert pub.publish(topics.gallery_blob("big", 0), chunk, qos=1, retain=True).wait(10.0)
     assert inbox.get().payload == chunk
@@ -173,7 +188,7 @@ def test_last_will_fires_offline_when_the_edge_is_killed(mosquitto, links):
     watcher = connected(start_link(links, mosquitto))
     inbox = Inbox()
     watcher.subscribe(topics.ALL_EDGE_STATUS, 1, inbox)
-    time.sleep(0.3)
+    assert watcher.wait_subscribed(topics.ALL_EDGE_STATUS, 5.0)
     args = [topic, edge_status("offline").to_json().hex(), edge_status("online").to_json().hex()]
     proc = subprocess.Popen(
         [sys.executable, "-c", _DYING_EDGE, mosquitto.url, *args], stdout=subprocess.PIPE, text=True
@@ -202,7 +217,7 @@ def test_clean_stop_discards_the_will(mosquitto, links):
     watcher = connected(start_link(links, mosquitto))
     inbox = Inbox()
     watcher.subscribe(topic, 1, inbox)
-    time.sleep(0.3)
+    assert watcher.wait_subscribed(topic, 5.0)
     edge = connected(start_link(links, mosquitto, will=Will(topic, edge_status("offline").to_json())))
     assert edge.publish(topic, edge_status("stopped").to_json(), retain=True).wait(5.0)
     edge.stop()
@@ -220,17 +235,18 @@ def test_subscriptions_survive_a_broker_restart(mosquitto, links):
     inbox = Inbox()
     sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
     pub = connected(start_link(links, mosquitto))
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     assert pub.publish(topics.edge_events("door-1"), b"before").wait(5.0)
     assert inbox.get().payload == b"before"
 
     mosquitto.stop()
     assert wait_until(lambda: not sub.is_connected() and not pub.is_connected())
     assert changes.get(timeout=5.0) is False
+    assert not sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 0.0)  # a lost connection loses the grant
     mosquitto.start()
     assert connected(sub) and connected(pub)
     assert changes.get(timeout=5.0) is True
-    time.sleep(0.3)  # the re-SUBSCRIBE is sent from on_connect; give its SUBACK a moment
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)  # the re-SUBSCRIBE made by on_connect was granted
     assert pub.publish(topics.edge_events("door-1"), b"after").wait(5.0)
     assert inbox.get().payload == b"after"
 
@@ -241,7 +257,7 @@ def test_publish_while_the_broker_is_down_is_delivered_after_it_returns(mosquitt
     inbox = Inbox()
     sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
     pub = connected(start_link(links, mosquitto))
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
 
     mosquitto.stop()
     assert wait_until(lambda: not pub.is_connected())
@@ -258,7 +274,7 @@ def test_persistent_session_gets_what_was_published_while_it_was_away(mosquitto,
     client_id = f"server-{uuid.uuid4().hex[:8]}"
     first = connected(start_link(links, mosquitto, client_id=client_id, clean_session=False))
     first.subscribe(topics.ALL_EDGE_EVENTS, 1, Inbox())
-    time.sleep(0.3)
+    assert first.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     first.stop()
     pub = connected(start_link(links, mosquitto))
     assert pub.publish(topics.edge_events("door-3"), b"while away").wait(5.0)
@@ -274,7 +290,7 @@ def test_mqtt5_publish_and_subscribe(mosquitto, links):
     sub = connected(start_link(links, mosquitto, protocol="5"))
     inbox = Inbox()
     sub.subscribe(topics.ALL_GALLERY_ACKS, 1, inbox)
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.ALL_GALLERY_ACKS, 5.0)
     pub = connected(start_link(links, mosquitto, protocol="5"))
     handle = pub.publish(topics.gallery_ack("door-1"), b"ack", qos=1)
     assert handle.wait(5.0) and handle.reason_code == 0
@@ -292,7 +308,8 @@ def test_a_failing_handler_does_not_stop_the_link(mosquitto, links, caplog):
 
     sub.subscribe(topics.ALL_EDGE_STATUS, 1, broken)
     sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.ALL_EDGE_STATUS, 5.0)
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     pub = connected(start_link(links, mosquitto))
     assert pub.publish(topics.edge_status("door-1"), b"boom").wait(5.0)
     assert calls.wait(5.0)
@@ -331,7 +348,7 @@ def test_publishes_racing_a_broker_crash_are_resent(mosquitto, links):
     sub = connected(start_link(links, mosquitto))
     inbox = Inbox()
     sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
-    time.sleep(0.3)
+    assert sub.wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     assert pub.publish(topics.edge_events("door-1"), b"after").wait(5.0)
     assert inbox.get().payload == b"after"
 

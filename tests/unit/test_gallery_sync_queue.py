@@ -60,6 +60,9 @@ class ScriptedLink(MqttLink):
 
         threading.Thread(target=run, daemon=True).start()
 
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        return self.handler is not None
+
     def deliver(self, topic: str, payload: bytes) -> None:
         assert self.handler is not None
         self.handler(InboundMessage(topic, payload, 1, False))
