@@ -16,7 +16,7 @@ import pytest
 
 from models.contract import limits, topics
 from models.contract.assembler import GalleryAssembler
-from models.contract.codec import canonical_json
+from models.contract.codec import SCHEMA_VERSION, canonical_json
 from models.contract.events import AttendanceEvent, new_event
 from models.contract.gallery import (
     HEADER_BYTES,
@@ -891,13 +891,27 @@ def test_assembler_bad_blob_behind_valid_signature(signer):
 
 # ---------------------------------------------------------------- golden payloads
 #
-# Byte-exact payloads as the first release writes them. A reader must keep decoding them and the writer must keep
-# producing them byte for byte: a test failing here means the wire format changed. If that is intended, bump the
-# schema version (minor for an added optional field, major for anything else), regenerate with
-# FACEATTEND_REGEN_GOLDEN=1 and say so in the commit.
+# Byte-exact payloads, one folder per schema version (tests/golden/<MAJOR.MINOR>/), frozen once written. The writer
+# must reproduce its own version's folder byte for byte (a failure means the wire format changed: bump the schema
+# version, minor for an added optional field, major for anything else); the reader must keep decoding every older
+# folder of its major version, which is what proves that a new server still understands an old edge.
+# FACEATTEND_REGEN_GOLDEN=1 writes the folder of a NEW version only: it refuses to touch a folder that exists.
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN_ROOT = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN = GOLDEN_ROOT / SCHEMA_VERSION
 GOLDEN_KEY_SEED = hashlib.sha256(b"faceattend golden test key (public, never use in deployment)").digest()
+KINDS = {
+    "attendance_event.json": AttendanceEvent,
+    "attendance_event_unknown.json": AttendanceEvent,
+    "edge_status.json": EdgeStatus,
+    "edge_status_offline.json": EdgeStatus,
+    "gallery_ack.json": GalleryAck,
+    "gallery_manifest.json": GalleryManifest,
+}
+
+
+def golden_versions() -> list[Path]:
+    return sorted(d for d in GOLDEN_ROOT.iterdir() if d.is_dir())
 
 
 def golden_signer() -> Signer:
@@ -937,34 +951,40 @@ def golden_payloads() -> dict[str, bytes]:
     }
 
 
-def test_golden_payloads_decode_and_re_encode_identically():
+def test_the_writers_version_has_its_frozen_goldens_and_reproduces_them():
     expected = golden_payloads()
     if os.environ.get("FACEATTEND_REGEN_GOLDEN") == "1":
-        GOLDEN.mkdir(exist_ok=True)
+        assert not GOLDEN.exists(), f"{GOLDEN} is frozen: bump SCHEMA_VERSION instead of rewriting a released version"
+        GOLDEN.mkdir()
         for name, data in expected.items():
             (GOLDEN / name).write_bytes(data)
+    assert GOLDEN.is_dir(), f"no goldens for schema version {SCHEMA_VERSION}: FACEATTEND_REGEN_GOLDEN=1 writes them"
     for name, data in expected.items():
         assert (GOLDEN / name).read_bytes() == data, f"{name}: the writer's output changed"
-    kinds = {
-        "attendance_event.json": AttendanceEvent,
-        "attendance_event_unknown.json": AttendanceEvent,
-        "edge_status.json": EdgeStatus,
-        "edge_status_offline.json": EdgeStatus,
-        "gallery_ack.json": GalleryAck,
-        "gallery_manifest.json": GalleryManifest,
-    }
-    for name, cls in kinds.items():
+    for name, cls in KINDS.items():
         raw = (GOLDEN / name).read_bytes()
         assert cls.from_json(raw).to_json() == raw, name
 
 
-def test_golden_gallery_verifies_with_the_published_key():
-    verifier = Verifier.from_pem_file(GOLDEN / "gallery_signing_key.pub")
-    manifest = read_manifest((GOLDEN / "gallery_manifest.json").read_bytes(), verifier)
-    blob = (GOLDEN / "gallery_blob.bin").read_bytes()
+@pytest.mark.parametrize("folder", golden_versions(), ids=lambda d: d.name)
+def test_every_older_golden_of_this_major_still_decodes(folder: Path):
+    assert folder.name.split(".")[0] == SCHEMA_VERSION.split(".")[0]  # a new major gets a new topic root
+    for name, cls in KINDS.items():
+        decoded = cls.from_json((folder / name).read_bytes())
+        # what every version carries still means the same
+        assert json.loads((folder / name).read_bytes())["schema"] == cls.SCHEMA and decoded is not None, name
+    event = AttendanceEvent.from_json((folder / "attendance_event.json").read_bytes())
+    assert event.event_id and event.person_id and event.device_id
+
+
+@pytest.mark.parametrize("folder", golden_versions(), ids=lambda d: d.name)
+def test_golden_gallery_verifies_with_the_published_key(folder: Path):
+    verifier = Verifier.from_pem_file(folder / "gallery_signing_key.pub")
+    manifest = read_manifest((folder / "gallery_manifest.json").read_bytes(), verifier)
+    blob = (folder / "gallery_blob.bin").read_bytes()
     asm = GalleryAssembler(verifier, FP, SITE)
     msgs = [(topics.gallery_blob(SITE, i), blob[i * 32 : (i + 1) * 32]) for i in range(manifest.chunk_count)]
-    done = feed_all(asm, [*msgs, (topics.gallery_manifest(SITE), (GOLDEN / "gallery_manifest.json").read_bytes())])
+    done = feed_all(asm, [*msgs, (topics.gallery_manifest(SITE), (folder / "gallery_manifest.json").read_bytes())])
     assert len(done) == 1 and same(done[0], golden_gallery())
 
 
