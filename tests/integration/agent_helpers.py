@@ -106,11 +106,12 @@ def render(out: Path, appearances: Sequence[Appearance], *, seed: int) -> Ground
 
 
 class Server:
-    def __init__(self, root: Path, broker_url: str, site: str) -> None:
+    def __init__(self, root: Path, broker_url: str, site: str, database: str | None = None) -> None:
+        """`database`: a SQLite path or a PostgreSQL URL (default: a SQLite file in `root`)."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.site = site
-        self.db = root / "server.db"
+        self.db = database or str(root / "server.db")
         self.key = root / "keys" / "gallery.pem"
         self.public_key = root / "keys" / "gallery.pub.pem"
         self.port = free_port()
@@ -119,7 +120,7 @@ class Server:
             yaml.safe_dump(
                 {
                     "site": site,
-                    "database": {"url": str(self.db)},
+                    "database": {"url": self.db},
                     "mqtt": {"url": broker_url, "client_id": f"e2e-server-{self.port}"},
                     "gallery": {"signing_key": str(self.key)},
                     "api": {"host": "127.0.0.1", "port": self.port},

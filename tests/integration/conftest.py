@@ -10,6 +10,7 @@ Databases: `db` (a `storedb.Db`) and `store` (an open `Store` on it) run each te
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -254,10 +255,11 @@ def pg_database() -> Iterator[URL]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "sqlite":
-        yield Db(url=str(tmp_path / "faceattend.db"), backend="sqlite")
+@contextlib.contextmanager
+def _database(request: pytest.FixtureRequest, backend: str, folder: Path) -> Iterator[Db]:
+    """An empty database: a SQLite file in `folder`, or a schema of its own in the session's PostgreSQL database."""
+    if backend == "sqlite":
+        yield Db(url=str(folder / "faceattend.db"), backend="sqlite")
         return
     base: URL = request.getfixturevalue("pg_database")
     schema_name = f"t_{uuid.uuid4().hex[:12]}"
@@ -271,6 +273,19 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema_name} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    with _database(request, request.param, tmp_path) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Db]:
+    """As `db`, shared by a module's tests (a server process that lives for the whole module)."""
+    with _database(request, request.param, tmp_path_factory.mktemp("db")) as handle:
+        yield handle
 
 
 @pytest.fixture

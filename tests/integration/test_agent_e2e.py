@@ -45,6 +45,7 @@ from agent_helpers import (
     write_config,
 )
 from conftest import MosquittoBroker, mosquitto_binary
+from storedb import Db
 from waiting import wait_until
 
 from edge_agent.agent import EdgeAgent
@@ -99,8 +100,9 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    """This module's broker: tests may stop and restart it (each leaves it running; see `broker_running`)."""
+def broker(tmp_path_factory: pytest.TempPathFactory, module_db: Db) -> Iterator[MosquittoBroker]:
+    """The broker of one database's run of this module (a fresh one per database, so no retained status of the
+    other run leaks in): tests may stop and restart it (each leaves it running; see `broker_running`)."""
     binary = mosquitto_binary()
     if binary is None:
         pytest.skip("needs a mosquitto binary (apt install mosquitto, or set FACEATTEND_MOSQUITTO)")
@@ -131,10 +133,11 @@ def signal_broker(b: MosquittoBroker, sig: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("e2e")
+def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, module_db: Db) -> Iterator[World]:
+    """The server process on each database it supports (every test of the module runs against both)."""
+    root = tmp_path_factory.mktemp(f"e2e-{module_db.backend}")
     started = time.monotonic()
-    server = Server(root / "server", broker.url, HQ)
+    server = Server(root / "server", broker.url, HQ, module_db.url)
     try:
         server.cli("init")
         for site, people, prefix in ((HQ, HQ_ENROLLED, ""), (LAB, ["Barack_Obama"], LAB_PREFIX)):
@@ -150,8 +153,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> 
         clip_people = side_by_side(["Barack_Obama", "Jack_Dorsey"])
         clip = Video(videos / "clip.avi", render(videos / "clip.avi", clip_people, seed=SEED))
         print(
-            f"\n[e2e setup] server initialised, {len(HQ_ENROLLED)} + 1 people imported, serving; videos "
-            f"{once.frames} / {twice.frames} / {clip.frames} frames; {time.monotonic() - started:.1f} s"
+            f"\n[e2e setup, {module_db.backend}] server initialised, {len(HQ_ENROLLED)} + 1 people imported, serving; "
+            f"videos {once.frames} / {twice.frames} / {clip.frames} frames; {time.monotonic() - started:.1f} s"
         )
         yield World(broker, server, once, twice, clip)
     finally:
