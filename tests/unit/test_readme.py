@@ -16,3 +16,13 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_second():
     assert "pytest" in commands[1] and "'.[dev]'" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -e '.\\[dev\\]'" in ci  # .ci/run greps this very line out of the README
+
+
+def test_the_readme_and_docs_point_only_inside_the_repository():
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text and "DESIGN.md" not in text, doc
+        for target in re.findall(r"\]\(([^)#]+)\)", text):  # markdown links: each must exist in the clone
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is not in the repository"
+    assert "(docs/architecture.md)" in (ROOT / "README.md").read_text()
