@@ -369,20 +369,21 @@ class EdgeAgent:
         """Every camera source ended (files without loop) and the tracks they left were decided."""
         return self.worker.wait_sources_ended(timeout)
 
+    def event_counts(self) -> dict[str, int]:
+        """Events stored in the outbox, refused by it (in all and per reason), snapshots that failed."""
+        with self._lock:
+            refused = dict(self._refused)
+            counts = {"stored_total": self._events, "snapshot_failures_total": self._snapshot_failures}
+        counts["refused_total"] = sum(refused.values())
+        counts.update({f"refused_{reason}_total": refused.get(reason, 0) for reason in REFUSAL_REASONS})
+        return counts
+
     def health(self) -> dict[str, Any]:
         sync = dataclasses.asdict(self.sync.status())
         publisher = dataclasses.asdict(self.publisher.stats())  # reads the outbox's depth and oldest age once
-        with self._lock:
-            events, refused, snapshot_failures = self._events, dict(self._refused), self._snapshot_failures
         out: dict[str, Any] = {
             "pipeline": self.worker.stats().to_dict(),
-            "events": {
-                "stored_total": events,
-                "refused_total": sum(refused.values()),
-                **{f"refused_{reason}_total": refused.get(reason, 0) for reason in REFUSAL_REASONS},
-                "snapshot_failures_total": snapshot_failures,
-                "first_frame_to_outbox": self._latency.figures(),
-            },
+            "events": {**self.event_counts(), "first_frame_to_outbox": self._latency.figures()},
             "outbox": {
                 # every event in the outbox is one the server has not confirmed yet
                 "depth": publisher.pop("depth"),

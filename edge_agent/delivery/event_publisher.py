@@ -116,13 +116,14 @@ class _InFlight:
     handle: PublishHandle
     sent: float  # time.monotonic() of the publish
     attempts: int  # publications of this row in this run, this one included
+    since: float | None  # time.monotonic() of its first PUBACK in this run; None before it
 
 
 @dataclass(frozen=True)
 class _Awaiting:
     due: float  # time.monotonic() at which it is published again
     attempts: int
-    since: float  # time.monotonic() of its first PUBACK in this run (for the overdue warning)
+    since: float | None  # time.monotonic() of its first PUBACK in this run (the overdue warning); None: none yet
 
 
 class EventPublisher:
@@ -289,13 +290,13 @@ class EventPublisher:
             return cursor
         # a range read on the primary key: costs next to nothing when no row lies above the cursor
         for item in self._outbox.pending(free, after_id=cursor):
-            self._publish(item, attempts=1)
+            self._publish(item, attempts=1, since=None)
             cursor = item.row_id
         return cursor
 
-    def _publish(self, item: OutboxItem, attempts: int) -> None:
+    def _publish(self, item: OutboxItem, attempts: int, since: float | None) -> None:
         handle = self._link.publish(item.topic, item.payload, qos=1, retain=False)
-        self._in_flight[item.row_id] = _InFlight(item, handle, time.monotonic(), attempts)
+        self._in_flight[item.row_id] = _InFlight(item, handle, time.monotonic(), attempts, since)
         with self._stats_lock:
             self._published += 1
             if attempts > 1:
@@ -319,7 +320,7 @@ class EventPublisher:
             del self._awaiting[row_id]
             item = items.get(row_id)
             if item is not None:  # else dropped on overflow meanwhile
-                self._publish(item, attempts=entry.attempts + 1)
+                self._publish(item, attempts=entry.attempts + 1, since=entry.since)
         if items:
             shown = sorted(items)[:_IDS_LOGGED]
             log.info(
@@ -330,7 +331,7 @@ class EventPublisher:
                 f" and {len(items) - len(shown)} more" if len(items) > len(shown) else "",
             )
 
-    def _await(self, row_id: int, attempts: int, since: float, wait: float) -> None:
+    def _await(self, row_id: int, attempts: int, since: float | None, wait: float) -> None:
         due = time.monotonic() + wait
         self._awaiting[row_id] = _Awaiting(due, attempts, since)
         heapq.heappush(self._due, (due, row_id))
@@ -364,7 +365,8 @@ class EventPublisher:
             for entry in acked:
                 del self._in_flight[entry.item.row_id]
                 if self._by_server:
-                    self._await(entry.item.row_id, entry.attempts, now, self._backoff(entry.attempts))
+                    since = now if entry.since is None else entry.since
+                    self._await(entry.item.row_id, entry.attempts, since, self._backoff(entry.attempts))
             with self._stats_lock:
                 self._acked += len(acked)
                 if not self._by_server:
@@ -378,10 +380,10 @@ class EventPublisher:
             if handle.rejected:
                 # a misconfigured ACL refuses every try: wait as for a missing confirmation, do not spin
                 reasons.add(f"refused by the broker, reason {handle.reason_code}")
-                self._await(entry.item.row_id, entry.attempts, now, self._backoff(entry.attempts))
+                self._await(entry.item.row_id, entry.attempts, entry.since, self._backoff(entry.attempts))
             else:
                 reasons.add("the link failed them" if handle.failed else f"no PUBACK within {self._ack_timeout_s:g} s")
-                self._await(entry.item.row_id, entry.attempts, now, 0.0)
+                self._await(entry.item.row_id, entry.attempts, entry.since, 0.0)
         ids = ", ".join(entry.item.event_id for entry in retry)
         log.warning("event publisher: %d events to publish again (%s): %s", len(retry), "; ".join(sorted(reasons)), ids)
         if any(entry.handle.rejected for entry in retry):
@@ -401,11 +403,13 @@ class EventPublisher:
             with self._confirm_lock:  # kept for the next turn: a failed delete must not forget a confirmation
                 self._confirmations.extendleft(reversed(batches))
             raise
+        early = 0  # confirmed before its PUBACK was looked at: the broker took it, count the PUBACK too
         for row_id in gone:
             self._awaiting.pop(row_id, None)
-            self._in_flight.pop(row_id, None)  # confirmed before its PUBACK was seen
+            early += self._in_flight.pop(row_id, None) is not None
         with self._stats_lock:
             self._confirmed += len(gone)
+            self._acked += early
         if self._overdue:
             self._overdue = False
             log.info("event publisher: the server confirms events again")
@@ -432,9 +436,9 @@ class EventPublisher:
                 self._last_error = message
         if now < self._next_overdue_check:
             return
-        self._next_overdue_check = now + _OVERDUE_CHECK_S
         limit = self._cfg.unconfirmed_warning_s
-        oldest = min((a.since for a in self._awaiting.values()), default=None)
+        self._next_overdue_check = now + min(_OVERDUE_CHECK_S, limit / 4)
+        oldest = min((a.since for a in self._awaiting.values() if a.since is not None), default=None)
         with self._confirm_lock:
             last = self._last_confirmation
         self._overdue = oldest is not None and now - oldest > limit and (last is None or now - last > limit)

@@ -562,7 +562,9 @@ class PahoMqttLink(MqttLink):
             handlers = [h for f, (_, h) in self._subs.items() if mqtt.topic_matches_sub(matched_filter(f), topic)]
             connection = self._connection
         if not handlers:
-            log.debug("mqtt: message on %s matches no subscription (unsubscribed meanwhile?)", topic)
+            # on a manual_ack link it stays unacknowledged: the broker sends it again on the next connection
+            level = logging.WARNING if self._config.manual_ack else logging.DEBUG
+            log.log(level, "mqtt: message on %s matches no subscription (subscribed after connecting?)", topic)
             return
         inbound = InboundMessage(
             topic, bytes(message.payload), message.qos, bool(message.retain), message.mid, connection
