@@ -30,7 +30,9 @@ TOKEN_ENV = "FACEATTEND_ADMIN_TOKEN"
 def open_store(cfg: ServerConfig) -> Store:
     from enrollment_server.store import Store
 
-    return Store.open(cfg.database.url, keep_photos=cfg.enrollment.keep_photos)
+    return Store.open(
+        cfg.database.url, keep_photos=cfg.enrollment.keep_photos, busy_timeout_s=cfg.database.busy_timeout_s
+    )
 
 
 def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:

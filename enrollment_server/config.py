@@ -18,6 +18,12 @@ _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class DatabaseConfig:
     # a SQLite file path (embedded default) or an SQLAlchemy URL such as postgresql+psycopg://user@host/db
     url: str = "faceattend.db"
+    # SQLite: how long a write waits for another writer's lock before it fails (the ingest then retries it)
+    busy_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.busy_timeout_s <= 3600:
+            raise ConfigError(f"database.busy_timeout_s: must be in (0, 3600] seconds, got {self.busy_timeout_s!r}")
 
 
 @dataclass(frozen=True)

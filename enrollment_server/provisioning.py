@@ -11,8 +11,8 @@ commands are the only writers of those files' managed parts:
   only under `faceattend/v1/edge/{device}/` and read only its own site's gallery and the server's confirmations of
   its own events (`faceattend/v1/device/{device}/stored`); a consumer may only read events and statuses.
   Provisioning a device again rewrites its block to the current rules (how a device provisioned before contract
-  1.1 gets the confirmations' read rule). Users named outside the blocks (the server's `enrollment-server`) are never touched, and no
-  device or consumer can take their name.
+  1.1 gets the confirmations' read rule). Users named outside the blocks (the server's `enrollment-server`) are
+  never touched, and no device or consumer can take their name.
 
 Every change happens under an exclusive lock on `<auth dir>/.provision.lock`; each file is replaced atomically
 (readers see the old or the new file, never a torn one), keeping its mode and owner. The broker reads the files

@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -254,23 +255,36 @@ def pg_database() -> Iterator[URL]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "sqlite":
-        yield Db(url=str(tmp_path / "faceattend.db"), backend="sqlite")
-        return
-    base: URL = request.getfixturevalue("pg_database")
+@contextmanager
+def _pg_schema(base: URL) -> Iterator[str]:
+    """A fresh schema in the session's database: the URL (search_path set) to it, dropped afterwards."""
     schema_name = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema_name}")
     url = base.update_query_dict({"options": f"-csearch_path={schema_name}"})
     try:
-        yield Db(url=url.render_as_string(hide_password=False), backend="postgresql")
+        yield url.render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema_name} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        yield Db(url=str(tmp_path / "faceattend.db"), backend="sqlite")
+        return
+    with _pg_schema(request.getfixturevalue("pg_database")) as url:
+        yield Db(url=url, backend="postgresql")
+
+
+@pytest.fixture
+def pg_url(pg_database: URL) -> Iterator[str]:
+    """PostgreSQL only (skipped when unreachable): a fresh schema's URL, for a server process's config."""
+    with _pg_schema(pg_database) as url:
+        yield url
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_helpers import (
-    Server,
     Tap,
     door_walk_ins,
     edge_config,
@@ -45,6 +44,7 @@ from agent_helpers import (
     write_config,
 )
 from conftest import MosquittoBroker, mosquitto_binary
+from server_process import Server
 from waiting import wait_until
 
 from edge_agent.agent import EdgeAgent
