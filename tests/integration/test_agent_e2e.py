@@ -425,8 +425,13 @@ def test_events_made_during_a_broker_outage_all_reach_the_server_once(
     assert wait_until(lambda: quiescent(agent.health()), timeout=30.0)
     held = agent.outbox_depth()
     assert held >= 1, "no event was made during the outage"
-    made = agent.health()["events"]["stored_total"]
-    assert not agent.health()["mqtt_connected"]
+    health = agent.health()
+    made = health["events"]["stored_total"]
+    assert not health["mqtt_connected"]
+    # what is waiting shows in the status figures and the metrics: depth and the oldest unconfirmed event's age
+    assert health["outbox"]["depth"] == held and health["outbox"]["oldest_unconfirmed_age_s"] > 0
+    page = agent.metrics.render()
+    assert f"faceattend_edge_outbox_depth {held}" in page and "faceattend_edge_outbox_oldest_unconfirmed_age_s " in page
 
     broker.start()
     up_at = time.monotonic()
@@ -576,6 +581,8 @@ def test_an_agent_killed_with_sigkill_and_restarted_loses_no_event_and_the_statu
         assert online.gallery_version == world.server.latest_version(HQ)
         assert health["pipeline"]["fps"] > 0 and health["pipeline"]["frames_total"] > 0
         assert health["outbox"]["depth"] == 0 and health["gallery"]["version"] == online.gallery_version
+        assert health["outbox"]["awaiting_confirmation"] == 0 and health["outbox"]["oldest_unconfirmed_age_s"] == 0
+        assert health["publisher"]["confirmed"] >= 1 and health["publisher"]["confirm_by"] == "server"
         assert health["mqtt_connected"] is True
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0, logs[1].read_text()[-3000:]
