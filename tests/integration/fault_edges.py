@@ -1,6 +1,7 @@
 """Light edges for tests/integration/test_faults.py (not a test module): one process running several edges, each
 with the real event path of an edge agent (its own SQLite `Outbox`, `EventPublisher` and `PahoMqttLink`, client
-id = device id) but no camera: events are made at a fixed rate instead of by recognition.
+id = device id) but no camera: events (outbox_child.make_event) are made at a fixed rate instead of by
+recognition.
 
     python fault_edges.py SPEC_JSON
 
@@ -20,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from outbox_child import make_event
+
 from edge_agent.delivery.event_publisher import DeliveryConfig, EventPublisher
 from edge_agent.delivery.outbox import Outbox
-from models.contract.events import new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
-
-SITE = "hq"
 
 
 class Edge:
@@ -46,22 +46,7 @@ class Edge:
         self.link.start()
 
     def put(self) -> None:
-        event = self.outbox.put_new(
-            lambda seq: new_event(
-                seq=seq,
-                device_id=self.device,
-                site=SITE,
-                camera="door",
-                track_id=seq,
-                person_id=f"p{seq % 40:03d}",
-                name=None,
-                distance=0.3,
-                margin=0.1,
-                threshold=0.55,
-                gallery_version=1,
-                fingerprint="fault-test",
-            )
-        )
+        event = self.outbox.put_new(lambda seq: make_event(self.device, seq))
         self.publisher.notify()
         self.created.write(f"{event.seq} {event.event_id}\n")
         self.created.flush()

@@ -71,6 +71,15 @@ def start_link(made: list[PahoMqttLink], broker: Any, *, will: Will | None = Non
     return link
 
 
+def subscribed_link(made: list[PahoMqttLink], broker: Any, inbox: Inbox, **options) -> PahoMqttLink:
+    """A link subscribed to every edge's events before it connects (what its session holds arrives at once)."""
+    link = PahoMqttLink(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}))
+    made.append(link)
+    link.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
+    link.start()
+    return link
+
+
 def connected(link: PahoMqttLink) -> PahoMqttLink:
     assert link.wait_connected(CONNECT_TIMEOUT_S), "link did not connect"
     return link
@@ -305,10 +314,7 @@ def test_manual_ack_keeps_a_message_with_the_broker_until_it_is_acknowledged(mos
     client_id = f"manual-{uuid.uuid4().hex[:8]}"
     options = {"client_id": client_id, "clean_session": False, "manual_ack": True, "protocol": protocol}
     inbox = Inbox()
-    first = PahoMqttLink(MqttConfig.from_url(mosquitto.url, **FAST_RECONNECT, **options))
-    links.append(first)
-    first.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
-    first.start()
+    first = subscribed_link(links, mosquitto, inbox, **options)
     assert connected(first).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     pub = connected(start_link(links, mosquitto))
     for i in range(6):
@@ -319,10 +325,7 @@ def test_manual_ack_keeps_a_message_with_the_broker_until_it_is_acknowledged(mos
     assert wait_until(lambda: "Received PUBACK from " + client_id in mosquitto.log_text())
     first.stop()  # the other three were never acknowledged
     again_inbox = Inbox()
-    again = PahoMqttLink(MqttConfig.from_url(mosquitto.url, **FAST_RECONNECT, **options))
-    links.append(again)
-    again.subscribe(topics.ALL_EDGE_EVENTS, 1, again_inbox)
-    again.start()
+    again = subscribed_link(links, mosquitto, again_inbox, **options)
     redelivered = [again_inbox.get() for _ in range(3)]
     assert sorted(m.payload for m in redelivered) == [b"m3", b"m4", b"m5"]
     assert again_inbox.drain() == []
@@ -331,22 +334,14 @@ def test_manual_ack_keeps_a_message_with_the_broker_until_it_is_acknowledged(mos
         again.ack(msg)
     again.stop()
     final = Inbox()
-    last = PahoMqttLink(MqttConfig.from_url(mosquitto.url, **FAST_RECONNECT, **options))
-    links.append(last)
-    last.subscribe(topics.ALL_EDGE_EVENTS, 1, final)
-    last.start()
+    last = subscribed_link(links, mosquitto, final, **options)
     assert connected(last).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     assert final.drain(0.5) == []  # everything acknowledged: nothing comes again
 
 
 def test_manual_ack_on_mqtt5_bounds_what_the_broker_has_out_by_the_receive_maximum(mosquitto, links):
     inbox = Inbox()
-    sub = PahoMqttLink(
-        MqttConfig.from_url(mosquitto.url, manual_ack=True, protocol="5", receive_maximum=5, **FAST_RECONNECT)
-    )
-    links.append(sub)
-    sub.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
-    sub.start()
+    sub = subscribed_link(links, mosquitto, inbox, manual_ack=True, protocol="5", receive_maximum=5)
     assert connected(sub).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
     pub = connected(start_link(links, mosquitto))
     for i in range(12):
