@@ -32,8 +32,9 @@ the back-off above (that server de-duplicates them on `event_id`) and the outbox
 events have waited `unconfirmed_warning_s` with no confirmation at all in that time, an ERROR says so (every
 `unconfirmed_warning_s`), and `last_error`, `confirmation_overdue` and the outbox's depth and oldest age in the
 status and metrics show it. `confirm_by: broker` restores the 1.0 behaviour for such a server: a row goes on its
-PUBACK. Likewise an ERROR when the broker does not grant the subscription to the confirmations (an ACL made
-before 1.1: re-provision the device).
+PUBACK. An ACL from before 1.1 looks the same from here (Mosquitto grants the subscription and withholds the
+messages; a broker that refuses the subscription gets an ERROR of its own after `_SUBSCRIBE_GRACE_S`): provision
+the device again.
 
 Rows left by a previous run (a crash, a `kill -9`, a power cut) are published on the first connection. `stop()`
 waits a little for PUBACKs and confirmations, deletes what was confirmed and leaves everything else in the
@@ -226,10 +227,15 @@ class EventPublisher:
             oldest_age_s=self._outbox.oldest_age_s(),
             last_confirmation_age_s=None if last is None else time.monotonic() - last,
             confirmation_overdue=self._overdue,
-            confirmations_subscribed=self._by_server and self._link.wait_subscribed(self._confirm_topic, 0),
+            confirmations_subscribed=self._subscribed(),
             invalid_confirmations=invalid,
             last_error=error,
         )
+
+    def _subscribed(self) -> bool:
+        if not self._by_server or not self._thread.is_alive():
+            return False
+        return self._link.wait_subscribed(self._confirm_topic, 0)
 
     # ---- network thread: note it and wake the worker ----
 
@@ -420,11 +426,7 @@ class EventPublisher:
         if not self._by_server:
             return
         now = time.monotonic()
-        if (
-            not self._subscribe_warned
-            and now - self._connected_at > _SUBSCRIBE_GRACE_S
-            and not self._link.wait_subscribed(self._confirm_topic, 0)
-        ):
+        if not self._subscribe_warned and now - self._connected_at > _SUBSCRIBE_GRACE_S and not self._subscribed():
             self._subscribe_warned = True
             message = (
                 f"the broker has not granted the subscription to {self._confirm_topic}: the server's confirmations "
@@ -448,8 +450,9 @@ class EventPublisher:
         heard = "never this run" if last is None else f"{now - last:.0f} s ago"
         message = (
             f"{len(self._awaiting)} events acknowledged by the broker have no confirmation from the server after "
-            f"{now - oldest:.0f} s (last confirmation: {heard}): the server is down or far behind, or older than "
-            "contract 1.1 and never confirms (then set delivery.confirm_by: broker)"
+            f"{now - oldest:.0f} s (last confirmation: {heard}): the server is down or far behind, older than "
+            "contract 1.1 and never confirms (then set delivery.confirm_by: broker), or the broker's ACL withholds "
+            "its confirmations from this device (provisioned before 1.1: provision it again)"
         )
         log.error(
             "event publisher: %s; they stay in the outbox (depth %d) and are published again every %g s at most",
