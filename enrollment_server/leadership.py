@@ -15,8 +15,9 @@ would overwrite each other's chunk topics. The one publisher is whoever holds a 
 
 `GalleryLeadership` wires a lease to the publisher: `on_change(site)` publishes at once on the leader and hands
 the site to the leader on a standby; taking the lease re-publishes every site (the data may have changed while
-no one held it, and a NOTIFY sent then reached nobody); `sites_to_republish()` is what the publisher's
-reconnect hook re-publishes: every site on the leader, none on a standby.
+no one held it, and a NOTIFY sent then reached nobody), at once when the publisher's link is up, else through
+`sites_to_republish()`, which is what the publisher's reconnect hook re-publishes: every site on the leader, none
+on a standby.
 
 Known window: leadership is checked before each publication, and a holder learns that its connection (hence the
 lock) is gone within one `check_s`. A leader whose database connection breaks in the middle of a publication may
@@ -215,10 +216,18 @@ def lease_for(url: URL) -> Lease:
 class GalleryLeadership:
     """Publishes through `publisher` while `lease` is held; see the module docstring."""
 
-    def __init__(self, publisher: GalleryPublisher, lease: Lease, sites: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        publisher: GalleryPublisher,
+        lease: Lease,
+        sites: Callable[[], Sequence[str]],
+        connected: Callable[[], bool],
+    ) -> None:
+        """`connected`: whether the publisher's link is up now (when it is not, its reconnect hook publishes)."""
         self._publisher = publisher
         self._lease = lease
         self._sites = sites
+        self._connected = connected
         self._cond = threading.Condition()
         self._requested: dict[str, None] = {}  # sites to re-publish, in request order
         self._stopping = False
@@ -226,15 +235,16 @@ class GalleryLeadership:
 
     def start(self) -> None:
         """Take or wait for the lease; raises LeaseError when a SQLite database is served already."""
+        self._lease.start(self._on_held, self._request)  # requests made meanwhile wait for the worker
         self._worker.start()
-        self._lease.start(self._on_held, self._request)
 
     def stop(self) -> None:
         self._lease.stop()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._worker.join(10.0)
+        if self._worker.is_alive():
+            self._worker.join(10.0)
 
     def is_leader(self) -> bool:
         return self._lease.held
@@ -251,7 +261,8 @@ class GalleryLeadership:
             self._lease.hand_over(site)
 
     def _on_held(self, held: bool) -> None:
-        if held:
+        # taken while disconnected: the reconnect hook (sites_to_republish) publishes once the link is up
+        if held and self._connected():
             try:
                 sites = list(self._sites())
             except FaceAttendError as exc:

@@ -66,12 +66,19 @@ def start_parts(cfg: ServerConfig) -> ServerParts:
         signer = c.signer_for(cfg, create=True)
         gallery_link = c.make_link(c.mqtt_config(cfg, "gallery"))
         publisher = c.make_publisher(cfg, store, gallery_link, signer)
-        leadership = GalleryLeadership(publisher, lease, lambda: [s.site_id for s in store.list_sites()])
-        leadership.start()  # a second server on one SQLite file stops here, before connecting anything
+        leadership = GalleryLeadership(
+            publisher, lease, lambda: [s.site_id for s in store.list_sites()], gallery_link.is_connected
+        )
+        leadership.start()  # a second server on one SQLite file stops here, before loading models or connecting
     except BaseException:
         store.close()
         raise
-    enroller = c.make_enroller(cfg, store)
+    try:
+        enroller = c.make_enroller(cfg, store)
+    except BaseException:
+        leadership.stop()
+        store.close()
+        raise
     # sites are read at each connect, so that sites created through the API are covered after a broker loss
     publisher.republish_on_connect(leadership.sites_to_republish)
 
