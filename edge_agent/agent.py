@@ -281,7 +281,7 @@ class EdgeAgent:
                 log.exception("stopping %s failed", name)
         if self.pipeline is not None:
             self.pipeline.close()
-        log.info("edge agent stopped (%d events this run, %d undelivered kept)", self._events, self.outbox_depth())
+        log.info("edge agent stopped (%d events this run, %d unconfirmed kept)", self._events, self.outbox_depth())
 
     def check(self) -> None:
         """Raise when a part that must run has died (the service manager restarts the agent)."""

@@ -90,7 +90,7 @@ class OutboxError(FaceAttendError):
 
 
 class OutboxFullError(OutboxError):
-    """The outbox holds its maximum number of undelivered events and its policy is to refuse new ones."""
+    """The outbox holds its maximum number of unconfirmed events and its policy is to refuse new ones."""
 
 
 class SnapshotError(FaceAttendError):
