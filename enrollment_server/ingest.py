@@ -13,7 +13,9 @@ ack written, or a rejection counted. Until then the broker keeps the message in 
 after a reconnect, so `kill -9`, an OOM kill or a power cut of the server loses nothing it had received: what was
 queued or being written is redelivered to the next start and stored once (the `event_id` is the primary key).
 The broker sends at most its in-flight window of unacknowledged messages (MQTT 5: our `receive_maximum`, 1000;
-MQTT 3.1.1: the broker's `max_inflight_messages`), which is also what bounds the queue here.
+MQTT 3.1.1: the broker's `max_inflight_messages`). After a reconnect it sends again what the earlier connection
+left unacknowledged while those copies may still be queued here, so the queue (4096) can hold more than one
+window; when it is full the network thread waits for room (measured by tests/integration/test_ingest_load.py).
 
 Confirmations (contract 1.1). After each commit the ingest publishes, per device, an `events_stored` message
 (QoS 1, not retained) on `faceattend/v1/device/{device}/stored` naming the events of the batch that are now in
