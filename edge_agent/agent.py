@@ -1,9 +1,12 @@
 """The edge agent: its parts wired together, started and stopped in order.
 
 One MQTT connection per device (client id = device id unless configured): events, status (with the `offline`
-last will) and gallery sync share it. An admitted decision becomes an attendance event in this order: snapshot
-saved, event written to the durable outbox, publisher woken; the publisher deletes it on PUBACK. Nothing between
-the decision and the outbox talks to the network, so a broker outage never slows or loses recognition.
+last will), gallery sync and the server's event confirmations share it. An admitted decision becomes an
+attendance event in this order: snapshot saved, event written to the durable outbox, publisher woken; the
+publisher deletes it once the server confirms it stored it (edge_agent/delivery/event_publisher.py). Nothing
+between the decision and the outbox talks to the network, so a broker outage never slows or loses recognition.
+An event the outbox refuses (full with `overflow: refuse_new`, a full disk) is counted by reason and its
+admission taken back from the attendance gate: the person's next decision makes an event.
 
 Start-up: the saved gallery serves at once (the broker may be down), the models are warmed up, then the cameras
 start (`start_cameras`, separate so a caller can wait for a gallery first). Stop: cameras, then the worker (live
@@ -18,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,12 @@ from models.contract.events import new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 from models.contract.signing import Verifier
 from models.contract.timestamps import format_utc
-from models.errors import ConfigError, FaceAttendError, OutboxFullError
+from models.errors import ConfigError, FaceAttendError, OutboxError, OutboxFullError
 from models.face.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
+
+REFUSAL_REASONS = ("outbox_full", "outbox_error")
 
 
 def agent_version() -> str:
@@ -121,7 +127,7 @@ class EdgeAgent:
         self._version = agent_version()
         self._lock = threading.Lock()
         self._events = 0
-        self._events_failed = 0
+        self._refused: Counter[str] = Counter()  # reason -> events the outbox refused
         self._snapshot_failures = 0
         self._latency = LatencyEma(window=256)  # a face's first frame -> its event in the outbox
         self._started = False
@@ -187,7 +193,7 @@ class EdgeAgent:
             on_applied=lambda _index: self.status.poke(),  # GallerySync logs the new version itself
             params=cfg.gallery.index,
         )
-        self.publisher = EventPublisher(self.outbox, self.link)
+        self.publisher = EventPublisher(self.outbox, self.link, cfg.device_id, delivery=cfg.delivery)
         self.cameras = CameraSet(cfg.cameras)
         self.worker = InferenceWorker(
             self.pipeline,
@@ -275,7 +281,7 @@ class EdgeAgent:
                 log.exception("stopping %s failed", name)
         if self.pipeline is not None:
             self.pipeline.close()
-        log.info("edge agent stopped (%d events this run, %d undelivered kept)", self._events, self.outbox_depth())
+        log.info("edge agent stopped (%d events this run, %d unconfirmed kept)", self._events, self.outbox_depth())
 
     def check(self) -> None:
         """Raise when a part that must run has died (the service manager restarts the agent)."""
@@ -320,10 +326,19 @@ class EdgeAgent:
                     ts=format_utc(d.decided_wall),
                 )
             )
-        except OutboxFullError as exc:
+        except OutboxError as exc:  # full (refuse_new), a full disk, a broken file: the event does not exist
+            self.gate.revoke(d)
+            reason = "outbox_full" if isinstance(exc, OutboxFullError) else "outbox_error"
             with self._lock:
-                self._events_failed += 1
-            log.error("event for %s on %s refused: %s", d.person_id or "unknown", d.camera, exc)
+                self._refused[reason] += 1
+            log.error(
+                "event %s for %s on %s not stored (%s): %s; the next decision for them makes an event",
+                event_id,
+                d.person_id or "unknown",
+                d.camera,
+                reason,
+                exc,
+            )
             return
         self.publisher.notify()
         self._latency.add(time.monotonic() - d.first_seen_ts)
@@ -354,22 +369,26 @@ class EdgeAgent:
         """Every camera source ended (files without loop) and the tracks they left were decided."""
         return self.worker.wait_sources_ended(timeout)
 
+    def event_counts(self) -> dict[str, int]:
+        """Events stored in the outbox, refused by it (in all and per reason), snapshots that failed."""
+        with self._lock:
+            refused = dict(self._refused)
+            counts = {"stored_total": self._events, "snapshot_failures_total": self._snapshot_failures}
+        counts["refused_total"] = sum(refused.values())
+        counts.update({f"refused_{reason}_total": refused.get(reason, 0) for reason in REFUSAL_REASONS})
+        return counts
+
     def health(self) -> dict[str, Any]:
         sync = dataclasses.asdict(self.sync.status())
         publisher = dataclasses.asdict(self.publisher.stats())  # reads the outbox's depth and oldest age once
-        with self._lock:
-            events, failed, snapshot_failures = self._events, self._events_failed, self._snapshot_failures
         out: dict[str, Any] = {
             "pipeline": self.worker.stats().to_dict(),
-            "events": {
-                "stored_total": events,
-                "refused_total": failed,
-                "snapshot_failures_total": snapshot_failures,
-                "first_frame_to_outbox": self._latency.figures(),
-            },
+            "events": {**self.event_counts(), "first_frame_to_outbox": self._latency.figures()},
             "outbox": {
+                # every event in the outbox is one the server has not confirmed yet
                 "depth": publisher.pop("depth"),
-                "oldest_age_s": publisher.pop("oldest_age_s"),
+                "oldest_unconfirmed_age_s": publisher.pop("oldest_age_s"),
+                "awaiting_confirmation": publisher.pop("awaiting_confirmation"),
                 "dropped_total": self.outbox.dropped() if self.outbox else 0,
             },
             "publisher": publisher,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from edge_agent.capture import CameraConfig, SourceKind
+from edge_agent.delivery.event_publisher import DeliveryConfig
 from edge_agent.delivery.outbox import OVERFLOW_POLICIES, Overflow
 from edge_agent.delivery.snapshots import SnapshotConfig
 from edge_agent.gallery.index import IndexParams
@@ -106,6 +107,7 @@ class EdgeConfig:
     attendance: AttendanceConfig = field(default_factory=AttendanceConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     outbox: OutboxSection = field(default_factory=OutboxSection)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     style: StyleConfig = field(default_factory=StyleConfig)

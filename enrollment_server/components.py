@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from typing import TYPE_CHECKING, Any
 
 from enrollment_server.config import ServerConfig
@@ -28,7 +30,9 @@ TOKEN_ENV = "FACEATTEND_ADMIN_TOKEN"
 def open_store(cfg: ServerConfig) -> Store:
     from enrollment_server.store import Store
 
-    return Store.open(cfg.database.url, keep_photos=cfg.enrollment.keep_photos)
+    return Store.open(
+        cfg.database.url, keep_photos=cfg.enrollment.keep_photos, busy_timeout_s=cfg.database.busy_timeout_s
+    )
 
 
 def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
@@ -65,12 +69,25 @@ def tls_options(cfg: ServerConfig) -> dict[str, Any]:
     return {k: v for k, v in (("ca_file", m.ca_file), ("cert_file", m.cert_file), ("key_file", m.key_file)) if v}
 
 
+def link_options(cfg: ServerConfig) -> dict[str, Any]:
+    """TLS files and protocol: what every link of the server shares."""
+    return {**tls_options(cfg), "protocol": cfg.mqtt.protocol}
+
+
+def client_id(cfg: ServerConfig, client_suffix: str) -> str:
+    """`{mqtt.client_id}-{suffix}`; with a shared group also this process's host and pid, so that the servers of
+    one site never share a client id (the broker would keep kicking one off for the other)."""
+    base = f"{cfg.mqtt.client_id}-{client_suffix}"
+    if not cfg.mqtt.shared_group:
+        return base
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:48] or "host"
+    return f"{base}-{host}-{os.getpid()}"
+
+
 def mqtt_config(cfg: ServerConfig, client_suffix: str, **options: Any) -> MqttConfig:
     from models.contract.mqtt_link import MqttConfig
 
-    return MqttConfig.from_url(
-        cfg.mqtt.url, client_id=f"{cfg.mqtt.client_id}-{client_suffix}", **tls_options(cfg), **options
-    )
+    return MqttConfig.from_url(cfg.mqtt.url, client_id=client_id(cfg, client_suffix), **link_options(cfg), **options)
 
 
 def make_link(config: MqttConfig) -> PahoMqttLink:

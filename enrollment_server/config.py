@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from models.config import load_dataclass, load_yaml
+from models.errors import ConfigError
 from models.face.quality import QualityConfig
+
+_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
 class DatabaseConfig:
     # a SQLite file path (embedded default) or an SQLAlchemy URL such as postgresql+psycopg://user@host/db
     url: str = "faceattend.db"
+    # SQLite: how long a write waits for another writer's lock before it fails (the ingest then retries it)
+    busy_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.busy_timeout_s <= 3600:
+            raise ConfigError(f"database.busy_timeout_s: must be in (0, 3600] seconds, got {self.busy_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,19 @@ class MqttSection:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # "5" lets the ingest bound the messages the broker has out to it (receive maximum); "3.1.1" for brokers
+    # without MQTT 5 (the demo's embedded broker)
+    protocol: Literal["3.1.1", "5"] = "5"
+    # set on every server of a site run by several (PostgreSQL only): the ingest's shared-subscription group,
+    # each event goes to one of them (docs/deployment.md, "Two servers, one site")
+    shared_group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.shared_group and not _GROUP.fullmatch(self.shared_group):
+            raise ConfigError(
+                f"mqtt.shared_group: {self.shared_group!r} must be 1-64 characters of [A-Za-z0-9_.-] (it becomes "
+                "a topic level of $share/GROUP/...)"
+            )
 
 
 @dataclass(frozen=True)

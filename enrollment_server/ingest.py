@@ -7,8 +7,25 @@ on a bounded queue; one worker thread decodes, validates and writes. Events are 
 light load each event is committed at once, under heavy load one commit carries many, which is what keeps SQLite
 (one fsync per commit) and PostgreSQL ahead of the edges.
 
+Acknowledged after the commit. The ingest link is made with `manual_ack` (`ingest_config`): the broker gets the
+PUBACK of a message only once its fate is final: an event committed (new or a duplicate), a status or gallery
+ack written, or a rejection counted. Until then the broker keeps the message in our session and sends it again
+after a reconnect, so `kill -9`, an OOM kill or a power cut of the server loses nothing it had received: what was
+queued or being written is redelivered to the next start and stored once (the `event_id` is the primary key).
+The broker sends at most its in-flight window of unacknowledged messages (MQTT 5: our `receive_maximum`, 1000;
+MQTT 3.1.1: the broker's `max_inflight_messages`). After a reconnect it sends again what the earlier connection
+left unacknowledged while those copies may still be queued here, so the queue (4096) can hold more than one
+window; when it is full the network thread waits for room (measured by tests/integration/test_ingest_load.py).
+
+Confirmations (contract 1.1). After each commit the ingest publishes, per device, an `events_stored` message
+(QoS 1, not retained) on `faceattend/v1/device/{device}/stored` naming the events of the batch that are now in
+the database, duplicates included (a duplicate usually means the edge missed our earlier confirmation). A 1.1
+edge keeps each event until it is confirmed and publishes it again when no confirmation comes: this is what
+makes an event survive a broker that lost its state or dropped messages over its queue limit. Events sent by 1.0
+edges (`schema_version` "1.0") are stored the same way but not confirmed: those edges never read confirmations.
+
 Validation, per message (any failure is a *rejection*: logged with topic and reason, counted in
-`IngestStats.rejected[reason]`, never stored, and the process carries on):
+`IngestStats.rejected[reason]`, acknowledged, never stored, and the process carries on):
 
 - `oversized`: over the contract's limit for its kind (checked before anything is parsed);
 - `not_utf8`, `malformed` (not JSON, not an object, duplicate keys, NaN, bad `schema_version` spelling),
@@ -20,7 +37,9 @@ Validation, per message (any failure is a *rejection*: logged with topic and rea
   hostile edge and must not be credited to that device;
 - `bad_topic`: the device level of the topic is not a valid id; `empty`: a zero-length payload (someone clearing
   a retained status);
-- `store_refused`: the database refuses the row itself while it accepts other work (see below).
+- `store_refused`: the database refuses the row itself (StoreDataError: a constraint, a value out of a column's
+  range, a character it cannot hold), which another try would not change. A batch refused so is retried one
+  event at a time and only the refused events are rejected.
 
 Events are de-duplicated by the store on `event_id` (QoS 1 is at-least-once; edges also re-send from their
 outbox): a redelivery is counted in `duplicates` and increments the stored row's `duplicates`, nothing else.
@@ -29,31 +48,26 @@ Statuses go to `Store.upsert_device_status`, acknowledgements to `Store.record_a
 Nothing is dropped silently. Every message taken off the wire ends up in exactly one counter, so once the queue
 is idle: received == stored + duplicates + statuses + stale_statuses + acks + sum(rejected) + abandoned.
 
-Backpressure instead of loss. paho sends the PUBACK of a QoS 1 message only when our handler returns. When the
-queue is full the handler blocks until the worker makes room: PUBACKs stop, the broker stops sending once its
-in-flight window for this client is full (Mosquitto `max_inflight_messages`, 20) and queues the rest for us.
-The queue (4096 messages by default, about 4 s of 50 edges x 20 events/s) is there to absorb commit jitter, not
-outages. While the handler blocks, paho also sends no keep-alive: a store stalled for longer than 1.5 keep-alives
-gets the connection dropped by the broker, whose unacknowledged messages are then redelivered on reconnect
-(persistent session, below), which is still no loss.
+Database failures. Any other failed write (the database unreachable, a lock held by another writer for longer
+than the busy timeout, a full disk) is retried with back-off, for as long as it takes or until `stop()` runs out
+of time: the messages wait unacknowledged, the broker stops sending once our in-flight window is full and queues
+the rest for our session. Nothing that the database might still accept is ever rejected for a failed write.
 
-Database failures. A write that fails with the database unreachable (probe: `Store.schema_version()` fails too)
-is retried with back-off until it succeeds: the events wait in memory, the queue fills, backpressure as above.
-A write that fails three times while the database answers the probe is refused by the data itself: a batch is
-then retried one event at a time and only the refused events are rejected (`store_refused`).
-
-Persistent session (deployment). The ingest link must use `clean_session=False` with a stable client id
+Persistent session (deployment). The ingest link uses `clean_session=False` with a stable client id
 (`ingest_config`), so the broker keeps the subscription and queues QoS 1 events while the server is down or
-restarting. Mosquitto bounds that queue per client with `max_queued_messages`, default 1000, and beyond it drops
-messages the edges already consider delivered (their outbox forgets an event on PUBACK from the broker). 1000
-is 1 s of 50 edges at 20 events/s: a deployment must raise it (and `max_queued_bytes`) to cover the longest
-server outage it wants to survive, e.g. `max_queued_messages 1000000` for ~15 minutes at full rate. `stop()`
+restarting. Mosquitto bounds that queue per client with `max_queued_messages` (default 1000); beyond it the
+broker drops events, and 1.1 edges publish them again once they see no confirmation (a 1.0 edge has forgotten
+them: for those the deployment's limit, deploy/mosquitto/mosquitto.conf, is what carries an outage). `stop()`
 never unsubscribes, for the same reason: the session's subscription is what queues events while we are away.
 
-Known window. The broker gets the PUBACK when the event is in our queue, not when it is committed: a crash of
-this process (kill -9, power loss) loses what was queued and uncommitted at that moment (usually one batch,
-milliseconds of traffic). Closing it needs acknowledging after the commit (paho's manual_ack, which `MqttLink`
-does not expose yet).
+Shared subscriptions (two servers, one site: docs/deployment.md). With `shared_group` the filters become
+`$share/{group}/...`, so the broker hands each message to one of the servers subscribed in the group, and the
+session is a clean one: Mosquitto keeps handing messages to an offline member of a group as long as its session
+lives, so a server that died would hold a share of the traffic until it came back. Without a session the broker
+drops a dead server's unacknowledged messages and forgets it at once; the edges' re-publication brings those
+events to the server that is left. While no server of the group is connected nothing is queued at the broker:
+the edges' outboxes hold the events and publish them again. Shared subscriptions get no retained messages: the
+statuses arrive with each edge's next periodic status.
 """
 
 from __future__ import annotations
@@ -64,21 +78,30 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from enrollment_server import store as st
-from models.contract import timestamps, topics
-from models.contract.codec import Message, decode_object, from_object
-from models.contract.events import AttendanceEvent
-from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink
+from models.contract import limits, timestamps, topics
+from models.contract.codec import Message, check_version, decode_object, from_object
+from models.contract.events import AttendanceEvent, EventsStored
+from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink, shared_filter
 from models.contract.status import EdgeStatus, GalleryAck
 from models.contract.topics import TopicKind
-from models.errors import ConfigError, PayloadError, SchemaVersionError, StoreError, StoreValueError, TopicError
+from models.errors import (
+    ConfigError,
+    MqttError,
+    PayloadError,
+    SchemaVersionError,
+    StoreDataError,
+    StoreError,
+    StoreValueError,
+    TopicError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +109,9 @@ T = TypeVar("T")
 
 DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_BATCH_SIZE = 500
-REFUSALS_BEFORE_REJECT = 3  # failures of one write while the database answers: the data, not the database
+# MQTT 5: unacknowledged messages the broker may have out to us; below the queue size, so that the network
+# thread never waits for room while messages it could take are the broker's to keep
+RECEIVE_MAXIMUM = 1000
 MAX_RETRY_DELAY_S = 5.0
 # rejections: every one is logged until a reason has this many, then one line per LOG_EVERY, so that a broken or
 # hostile edge cannot flood the log at its publish rate (the counters keep the exact figures)
@@ -106,11 +131,15 @@ _FILTERS = {
 }
 
 
-def ingest_config(url: str, client_id: str, **options: Any) -> MqttConfig:
-    """The ingest link's MQTT settings: a persistent session under a stable client id (see the module docstring)."""
+def ingest_config(url: str, client_id: str, *, shared_group: str | None = None, **options: Any) -> MqttConfig:
+    """The ingest link's MQTT settings: manual acknowledgement, and a persistent session under a stable client id,
+    or with `shared_group` a clean one (see the module docstring). MQTT 5 gets our receive maximum."""
     if not client_id:
         raise ConfigError("the ingest link needs a stable client_id: its persistent session is found by it")
-    return MqttConfig.from_url(url, client_id=client_id, **{**options, "clean_session": False})
+    settings: dict[str, Any] = {**options, "clean_session": shared_group is not None, "manual_ack": True}
+    if settings.get("protocol") == "5":
+        settings.setdefault("receive_maximum", RECEIVE_MAXIMUM)
+    return MqttConfig.from_url(url, client_id=client_id, **settings)
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,12 @@ class IngestStats:
     stale_statuses: int  # statuses older than the stored one (retained replays, reordering): ignored
     acks: int  # gallery acknowledgements recorded
     rejected: Mapping[str, int]  # reason -> count, see the module docstring
-    abandoned: int  # taken off the wire, then never stored because stop() ran out of time (logged as errors)
+    # taken off the wire, then not written because stop() ran out of time (the database down): never
+    # acknowledged, so the broker sends them again to the next start (lost only with a clean session: see above)
+    abandoned: int
+    deferred: int  # arrived after stop() began: left unacknowledged with the broker, not counted as received
+    confirmations: int  # `events_stored` messages published
+    confirmed: int  # event ids they named
     queue_depth: int  # messages waiting now
     max_queue_depth: int
     backpressure_waits: int  # times the network thread had to wait for room in the queue
@@ -154,15 +188,19 @@ class IngestStats:
 @dataclass(frozen=True)
 class _Item:
     kind: TopicKind
-    topic: str
-    payload: bytes
+    message: InboundMessage  # acknowledged through the link once settled
     received: float  # time.time() when the handler ran
+
+    @property
+    def topic(self) -> str:
+        return self.message.topic
 
 
 @dataclass(frozen=True)
 class _Event:
-    topic: str
+    item: _Item
     record: st.AttendanceEvent
+    confirm: bool  # sent by an edge that reads confirmations (schema 1.1 or later)
 
 
 class _Rejected(Exception):
@@ -172,7 +210,7 @@ class _Rejected(Exception):
 
 
 class _Abandoned(Exception):
-    """stop() ran out of time while the database was unreachable."""
+    """stop() ran out of time while the database was failing."""
 
 
 class Ingest:
@@ -183,12 +221,14 @@ class Ingest:
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        shared_group: str | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ConfigError("ingest queue_size and batch_size must be >= 1")
         self._store = store
         self._link = link
         self._batch_size = batch_size
+        self._filters = {kind: shared_filter(shared_group, f) if shared_group else f for kind, f in _FILTERS.items()}
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -196,9 +236,9 @@ class Ingest:
         # counters: written by both threads, read by stats()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._intake_open = True  # cleared by stop(): later messages stay with the broker
         self._outstanding = 0  # taken off the wire, not yet in a final counter
-        self._settled = 0  # reached a final counter (lets the worker tell how much of a group is done)
-        self._closed = False  # the worker has ended: nothing may be queued any more
+        self._settled: set[int] = set()  # id() of the worker's current group's items that reached a final counter
         self._last_full_log = -FULL_LOG_EVERY_S
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
@@ -215,27 +255,29 @@ class Ingest:
             raise ConfigError("ingest already started")
         self._worker = threading.Thread(target=self._run, name="faceattend-ingest", daemon=True)
         self._worker.start()
-        for kind, topic_filter in _FILTERS.items():
+        for kind, topic_filter in self._filters.items():
             self._link.subscribe(topic_filter, 1, self._handler(kind))
-        log.info("ingest: subscribed to %s", ", ".join(_FILTERS.values()))
+        log.info("ingest: subscribed to %s", ", ".join(self._filters.values()))
 
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
         """True once the broker granted every ingest filter on the current connection (SUBACK)."""
         deadline = time.monotonic() + timeout
-        return all(self._link.wait_subscribed(f, max(0.0, deadline - time.monotonic())) for f in _FILTERS.values())
+        return all(self._link.wait_subscribed(f, max(0.0, deadline - time.monotonic())) for f in self._filters.values())
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Store what is queued (for at most `timeout` s), then end the worker.
+        """Take no more messages, store what was taken (for at most `timeout` s), then end the worker.
 
-        Shutdown order: `link.stop()`, then `ingest.stop()`. A link still running keeps delivering, and what
-        arrives once the worker has ended is acknowledged unstored (logged as abandoned). Note that while the
-        queue is full the handler holds paho's network thread, so `link.stop()` itself waits until the worker
-        makes room, i.e. until the database accepts writes again.
+        Shutdown order: `ingest.stop()`, then `link.stop()`: the link must still be up to carry the
+        acknowledgements and confirmations of what is stored now. Messages arriving meanwhile are left
+        unacknowledged (counted as `deferred`): the broker keeps them for the next start.
 
         Does not unsubscribe: the persistent session's subscription is what keeps events queued at the broker
-        while the server is down. Returns False when messages had to be abandoned (each logged as an error).
+        while the server is down. Returns False when messages had to be abandoned (the database kept failing);
+        they too stay unacknowledged and are redelivered to the next start.
         """
         worker = self._worker
+        with self._lock:
+            self._intake_open = False
         if worker is None:
             return True
         self._stop_deadline = time.monotonic() + timeout
@@ -271,6 +313,9 @@ class Ingest:
                 acks=c["acks"],
                 rejected=MappingProxyType(dict(self._rejected)),
                 abandoned=c["abandoned"],
+                deferred=c["deferred"],
+                confirmations=c["confirmations"],
+                confirmed=c["confirmed"],
                 queue_depth=self._queue.qsize(),
                 max_queue_depth=self._max_depth,
                 backpressure_waits=c["backpressure_waits"],
@@ -284,44 +329,38 @@ class Ingest:
 
     def _handler(self, kind: TopicKind) -> Callable[[InboundMessage], None]:
         def handle(msg: InboundMessage) -> None:
-            self._enqueue(_Item(kind, msg.topic, msg.payload, time.time()))
+            self._enqueue(_Item(kind, msg, time.time()))
 
         return handle
 
     def _enqueue(self, item: _Item) -> None:
-        with self._lock:
-            self._counts["received"] += 1
-            self._outstanding += 1
         waited = False
         while True:
-            # put_nowait under the lock the worker takes to close: an item is either queued before the worker's
-            # final drain or sees the ingest closed, never stranded in a queue nobody reads
+            # put_nowait under the lock stop() takes to close the intake: an item is either queued before the
+            # worker's final drain or left with the broker, never stranded in a queue nobody reads
             with self._lock:
-                if not self._closed:
-                    try:
-                        self._queue.put_nowait(item)
-                    except queue.Full:
-                        pass
-                    else:
-                        self._max_depth = max(self._max_depth, self._queue.qsize())
-                        return
-            if self._closed:
-                # stop() was called with the link still running: returning lets paho acknowledge the message,
-                # so say loudly that it is lost
-                self._finish_abandoned(1, f"ingest stopped: message on {item.topic} not stored")
-                return
+                if not self._intake_open:
+                    self._counts["deferred"] += 1  # not acknowledged: the broker keeps it for the next start
+                    return
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    pass
+                else:
+                    self._counts["received"] += 1
+                    self._outstanding += 1
+                    self._max_depth = max(self._max_depth, self._queue.qsize())
+                    return
             if not waited:
-                # Waiting here is the backpressure: paho sends this message's PUBACK only when we return.
+                # only when the broker's in-flight window exceeds the queue (MQTT 3.1.1 with a large
+                # max_inflight_messages): waiting here holds paho's network thread until the worker makes room
                 waited = True
                 now = time.monotonic()
                 with self._lock:
                     self._counts["backpressure_waits"] += 1
                     loud, self._last_full_log = now - self._last_full_log >= FULL_LOG_EVERY_S, now
                 if loud:  # once per stall, not once per message held
-                    log.warning(
-                        "ingest: queue full (%d messages); holding PUBACKs until the store catches up",
-                        self._queue.maxsize,
-                    )
+                    log.warning("ingest: queue full (%d messages); waiting for the store", self._queue.maxsize)
             time.sleep(0.005)
 
     # ---- worker thread ----
@@ -330,20 +369,18 @@ class Ingest:
         try:
             self._loop()
         finally:
-            with self._lock:
-                self._closed = True
-                rest = self._drain()
-            self._finish_abandoned(len(rest), "ingest stopped before storing them")
+            rest = self._drain()
+            self._finish_abandoned(rest, "ingest stopped before storing them")
 
     def _loop(self) -> None:
         while True:
             if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
-                return  # out of time (messages still arriving, or the database down): _run abandons the rest
+                return  # out of time (the database failing): _run abandons the rest
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 if self._stopping.is_set():
-                    return
+                    return  # the intake is closed: nothing more can come
                 continue
             items = [first]
             # group commit: everything already waiting, without waiting for more
@@ -353,21 +390,24 @@ class Ingest:
                 except queue.Empty:
                     break
             with self._lock:
-                before = self._settled
+                self._settled.clear()
             try:
                 self._process(items)
             except _Abandoned:
-                with self._lock:
-                    unsettled = len(items) - (self._settled - before)
-                self._finish_abandoned(unsettled, "ingest stopped with the database unreachable")
+                self._finish_abandoned(self._unsettled(items), "ingest stopped with the database failing")
                 return
             except Exception:
                 # a bug of ours must not end ingestion: count what is left of the group, keep the worker alive
                 log.exception("ingest: unexpected error on a group of %d messages", len(items))
                 with self._idle:
-                    unsettled = len(items) - (self._settled - before)
-                    self._rejected["internal_error"] += unsettled
+                    unsettled = [i for i in items if id(i) not in self._settled]
+                    self._rejected["internal_error"] += len(unsettled)
                     self._settle(unsettled)
+                self._ack(unsettled)
+
+    def _unsettled(self, items: Sequence[_Item]) -> list[_Item]:
+        with self._lock:
+            return [i for i in items if id(i) not in self._settled]
 
     def _drain(self) -> list[_Item]:
         rest = []
@@ -382,12 +422,12 @@ class Ingest:
         others: list[tuple[_Item, Message]] = []
         for item in items:
             try:
-                message = self._decode(item)
+                message, minor = self._decode(item)
             except _Rejected as rejected:
-                self._reject(item.topic, rejected.reason, str(rejected))
+                self._reject(item, rejected.reason, str(rejected))
                 continue
             if isinstance(message, AttendanceEvent):
-                events.append(_Event(item.topic, _event_record(message)))
+                events.append(_Event(item, _event_record(message), confirm=minor >= 1))
             else:
                 others.append((item, message))
         if events:
@@ -400,13 +440,14 @@ class Ingest:
 
     # ---- decoding ----
 
-    def _decode(self, item: _Item) -> Message:
+    def _decode(self, item: _Item) -> tuple[Message, int]:
+        """The message and its schema minor version."""
         try:
             parsed = topics.parse_topic(item.topic)
         except TopicError as exc:
             raise _Rejected("bad_topic", str(exc)) from None
         cls = _KINDS[item.kind]
-        payload = item.payload
+        payload = item.message.payload
         if not payload:
             raise _Rejected("empty", "zero-length payload (a cleared retained message)")
         if len(payload) > cls.MAX_BYTES:
@@ -424,7 +465,7 @@ class Ingest:
         device = getattr(message, "device_id", None)
         if device != parsed.device:
             raise _Rejected("device_mismatch", f"payload device_id {device!r} published on device {parsed.device!r}")
-        return message
+        return message, check_version(obj["schema_version"], cls.SCHEMA)[1]
 
     # ---- writing ----
 
@@ -433,7 +474,7 @@ class Ingest:
         result = self._write(lambda: self._store.insert_events(records), f"{len(records)} events")
         if isinstance(result, _Refusal):
             if len(events) == 1:
-                self._reject(events[0].topic, "store_refused", str(result.error))
+                self._reject(events[0].item, "store_refused", str(result.error))
                 return
             # one bad row fails the whole batch: find it by storing one at a time
             log.warning("ingest: a batch of %d events was refused (%s); storing one by one", len(events), result.error)
@@ -452,7 +493,32 @@ class Ingest:
                 self._lag_max = top if self._lag_max is None else max(self._lag_max, top)
                 self._lag_sum += sum(lags)
                 self._lag_n += len(lags)
-            self._settle(len(result))
+            self._settle([e.item for e in events])
+        self._confirm(events)
+        self._ack([e.item for e in events])
+
+    def _confirm(self, events: Sequence[_Event]) -> None:
+        """Tell each device which of its events are now stored (committed): see the module docstring."""
+        by_device: defaultdict[str, dict[str, None]] = defaultdict(dict)  # ordered, each id once
+        for event in events:
+            if event.confirm:
+                by_device[event.record.device_id][event.record.event_id] = None
+        now = timestamps.utc_now()
+        for device, ids in by_device.items():
+            listed = list(ids)
+            for i in range(0, len(listed), limits.MAX_STORED_IDS):
+                chunk = tuple(listed[i : i + limits.MAX_STORED_IDS])
+                payload = EventsStored(device_id=device, event_ids=chunk, ts=now).to_json()
+                try:
+                    # not waited for: a lost confirmation makes the edge publish the event again, and the
+                    # duplicate is confirmed anew
+                    self._link.publish(topics.events_stored(device), payload, qos=1)
+                except MqttError as exc:
+                    log.warning("ingest: confirmation of %d events to %s not published: %s", len(chunk), device, exc)
+                    continue
+                with self._lock:
+                    self._counts["confirmations"] += 1
+                    self._counts["confirmed"] += len(chunk)
 
     def _apply_status(self, item: _Item, status: EdgeStatus) -> None:
         received = datetime.fromtimestamp(item.received, timezone.utc)
@@ -477,11 +543,12 @@ class Ingest:
 
         result = self._write(write, "a status")
         if isinstance(result, _Refusal):
-            self._reject(item.topic, "store_refused", str(result.error))
+            self._reject(item, "store_refused", str(result.error))
             return
         with self._idle:
             self._counts["statuses" if result else "stale_statuses"] += 1
-            self._settle(1)
+            self._settle([item])
+        self._ack([item])
 
     def _keep_newer(self, will: st.DeviceStatus) -> st.DeviceStatus:
         """The last will's figures are those of the moment the edge connected; what the server learnt since (a
@@ -505,63 +572,68 @@ class Ingest:
             "a gallery ack",
         )
         if isinstance(result, _Refusal):
-            self._reject(item.topic, "store_refused", str(result.error))
+            self._reject(item, "store_refused", str(result.error))
             return
         with self._idle:
             self._counts["acks"] += 1
-            self._settle(1)
+            self._settle([item])
+        self._ack([item])
 
     def _write(self, op: Callable[[], T], what: str) -> T | _Refusal:
-        """Run one store write: retried while the database is unreachable, a _Refusal when the data is refused."""
+        """Run one store write: retried until it succeeds (or stop() runs out of time), a _Refusal only when the
+        database refuses the data itself."""
         delay = 0.1
-        refusals = 0
+        failures = 0
         while True:
             try:
                 return op()
-            except StoreValueError as exc:
-                return _Refusal(exc)  # our own validation: retrying gives the same answer
+            except (StoreValueError, StoreDataError) as exc:
+                return _Refusal(exc)  # our own validation, or the database's verdict on the data: final
             except StoreError as exc:
-                if self._database_answers():
-                    refusals += 1
-                    if refusals >= REFUSALS_BEFORE_REJECT:
-                        return _Refusal(exc)
+                failures += 1
                 with self._lock:
                     self._counts["store_retries"] += 1
                 if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
                     raise _Abandoned from exc
-                log.warning("ingest: storing %s failed (%s); retrying in %.1f s", what, exc, delay)
+                # every failure at first, then one line in ten: an outage of minutes should not flood the log
+                level = logging.WARNING if failures <= 3 or failures % 10 == 0 else logging.DEBUG
+                log.log(
+                    level, "ingest: storing %s failed (%s); retrying in %.1f s (try %d)", what, exc, delay, failures
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
-    def _database_answers(self) -> bool:
-        try:
-            self._store.schema_version()
-        except StoreError:
-            return False
-        return True
-
     # ---- accounting ----
 
-    def _reject(self, topic: str, reason: str, detail: str) -> None:
+    def _reject(self, item: _Item, reason: str, detail: str) -> None:
         with self._idle:
             self._rejected[reason] += 1
             n = self._rejected[reason]
-            self._settle(1)
+            self._settle([item])
+        # acknowledged: the broker would only send it again, and it would be refused again
+        self._ack([item])
         if n <= LOG_ALL_UP_TO or n % LOG_EVERY == 0:
-            log.warning("ingest: rejected message on %s: %s: %s (%d rejected for %s)", topic, reason, detail, n, reason)
+            log.warning(
+                "ingest: rejected message on %s: %s: %s (%d rejected for %s)", item.topic, reason, detail, n, reason
+            )
 
-    def _finish_abandoned(self, n: int, why: str) -> None:
-        if n <= 0:
+    def _ack(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            self._link.ack(item.message)
+
+    def _finish_abandoned(self, items: Sequence[_Item], why: str) -> None:
+        if not items:
             return
         with self._idle:
-            self._counts["abandoned"] += n
-            self._settle(n)
-        log.error("ingest: %d message(s) abandoned: %s", n, why)
+            self._counts["abandoned"] += len(items)
+            self._settle(items)
+        # not acknowledged: the broker sends them again to the next start (a persistent session keeps them)
+        log.error("ingest: %d message(s) not stored: %s; left unacknowledged for redelivery", len(items), why)
 
-    def _settle(self, n: int) -> None:
+    def _settle(self, items: Sequence[_Item]) -> None:
         # caller holds self._idle (self._lock)
-        self._outstanding -= n
-        self._settled += n
+        self._outstanding -= len(items)
+        self._settled.update(id(i) for i in items)
         if self._outstanding <= 0:
             self._idle.notify_all()
 

@@ -8,9 +8,11 @@ commands are the only writers of those files' managed parts:
   the server's container needs no mosquitto_passwd). Passwords are random (192 bits) and never logged.
 - `acl`: the shipped deploy/mosquitto/acl (the enrollment server's rights) followed by one block per device or
   consumer between `# BEGIN faceattend KIND NAME` and `# END faceattend KIND NAME` lines. A device may publish
-  only under `faceattend/v1/edge/{device}/` and read only its own site's gallery; a consumer may only read events
-  and statuses. Users named outside the blocks (the server's `enrollment-server`) are never touched, and no
-  device or consumer can take their name.
+  only under `faceattend/v1/edge/{device}/` and read only its own site's gallery and the server's confirmations of
+  its own events (`faceattend/v1/device/{device}/stored`); a consumer may only read events and statuses.
+  Provisioning a device again rewrites its block to the current rules (how a device provisioned before contract
+  1.1 gets the confirmations' read rule). Users named outside the blocks (the server's `enrollment-server`) are
+  never touched, and no device or consumer can take their name.
 
 Every change happens under an exclusive lock on `<auth dir>/.provision.lock`; each file is replaced atomically
 (readers see the old or the new file, never a torn one), keeping its mode and owner. The broker reads the files
@@ -144,14 +146,18 @@ class AclBlock:
 
 def device_acl(device: str, site: str) -> AclBlock:
     """Publish only its own edge topics (events, status and its last will, gallery acks); read only its site's
-    gallery (manifest and chunks)."""
+    gallery (manifest and chunks) and the server's confirmations of its own events."""
     device = _ident(device, "device")
     site = _ident(site, "site")
     return AclBlock(
         "device",
         device,
         site,
-        (f"topic write {topics.ROOT}/edge/{device}/#", f"topic read {topics.site_gallery_filter(site)}"),
+        (
+            f"topic write {topics.ROOT}/edge/{device}/#",
+            f"topic read {topics.site_gallery_filter(site)}",
+            f"topic read {topics.events_stored(device)}",
+        ),
     )
 
 

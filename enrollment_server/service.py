@@ -2,16 +2,20 @@
 
 Parts and why they are separate:
 
-- the ingest link: a persistent session under a stable client id (`ingest_config`), so the broker queues edges'
-  events while the server is down or restarting;
-- the gallery link: a clean session of its own, because the ingest handler may block paho's network thread
-  under backpressure, and a gallery publication waiting for PUBACKs behind it would time out;
-- the admin API (FastAPI on uvicorn): every change that alters a site's gallery publishes a new version at once
-  when the broker is connected. When it is not, the change is stored and the publisher's reconnect hook
-  (`republish_on_connect`, run for every site after each connect) publishes it: the data no longer matches the
-  latest recorded version, so a new version goes out;
-- uvicorn owns SIGINT / SIGTERM; once it has drained its requests the links and the ingest are stopped in the
-  order `Ingest.stop` documents (link first, then the worker stores what is queued).
+- the ingest link: manual acknowledgement (the broker's PUBACK goes out after the commit) and a persistent session
+  under a stable client id (`ingest_config`), so the broker keeps edges' events while the server is down or
+  restarting; with `mqtt.shared_group` a shared subscription instead (several servers, one site);
+- the gallery link: a clean session of its own, so that a gallery publication waiting for PUBACKs never queues
+  behind ingest traffic;
+- gallery leadership (`enrollment_server.leadership`): one publisher per database. Every change that alters a
+  site's gallery publishes a new version at once when this server holds the publisher lease and the broker is
+  connected; on a standby server the change is handed to the lease holder. When the broker is not connected the
+  change is stored and the publisher's reconnect hook (`republish_on_connect`, run for every site after each
+  connect, on the lease holder only) publishes it: the data no longer matches the latest recorded version, so a
+  new version goes out. SQLite allows one server per database: a second `serve` refuses to start;
+- the admin API (FastAPI on uvicorn): uvicorn owns SIGINT / SIGTERM; once it has drained its requests the parts
+  are stopped in the order `Ingest.stop` documents (the ingest stores and acknowledges what it took while its
+  link is still up, then the links go).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 from enrollment_server import components as c
 from enrollment_server.config import ServerConfig
 from enrollment_server.ingest import Ingest, ingest_config
-from models.errors import MqttError
+from enrollment_server.leadership import GalleryLeadership, PgAdvisoryLease, lease_for
+from models.errors import ConfigError, MqttError
 
 log = logging.getLogger(__name__)
 
@@ -40,72 +45,98 @@ class ServerParts:
     ingest_link: Any
     gallery_link: Any
     publisher: Any
+    leadership: GalleryLeadership
     app: Any
 
 
 def start_parts(cfg: ServerConfig) -> ServerParts:
-    """Open the store, load the key and models, connect both links (asynchronously) and build the API."""
+    """Open the store, take or wait for the publisher lease, load the key and models, connect both links
+    (asynchronously) and build the API. ConfigError / LeaseError when this server may not serve the database."""
     from enrollment_server.api import create_app
 
     token = c.admin_token(cfg)  # fail on a missing token before anything connects
     store = c.open_store(cfg)
-    store.ensure_site(cfg.site)
-    signer = c.signer_for(cfg, create=True)
-    enroller = c.make_enroller(cfg, store)
-
-    gallery_link = c.make_link(c.mqtt_config(cfg, "gallery"))
-    publisher = c.make_publisher(cfg, store, gallery_link, signer)
+    try:
+        lease = lease_for(store.url)
+        if cfg.mqtt.shared_group and not isinstance(lease, PgAdvisoryLease):
+            raise ConfigError(
+                "mqtt.shared_group: several servers on one site need PostgreSQL; on SQLite one server is the rule"
+            )
+        store.ensure_site(cfg.site)
+        signer = c.signer_for(cfg, create=True)
+        gallery_link = c.make_link(c.mqtt_config(cfg, "gallery"))
+        publisher = c.make_publisher(cfg, store, gallery_link, signer)
+        leadership = GalleryLeadership(
+            publisher, lease, lambda: [s.site_id for s in store.list_sites()], gallery_link.is_connected
+        )
+        leadership.start()  # a second server on one SQLite file stops here, before loading models or connecting
+    except BaseException:
+        store.close()
+        raise
+    try:
+        enroller = c.make_enroller(cfg, store)
+    except BaseException:
+        leadership.stop()
+        store.close()
+        raise
     # sites are read at each connect, so that sites created through the API are covered after a broker loss
-    publisher.republish_on_connect(lambda: [s.site_id for s in store.list_sites()])
+    publisher.republish_on_connect(leadership.sites_to_republish)
 
-    def on_change(site: str) -> None:
+    def publish(site: str) -> None:
         if not gallery_link.is_connected():
             raise MqttError(f"broker {cfg.mqtt.url} not connected: the gallery is published when it reconnects")
         published = publisher.publish(site)
         log.info("site %s: gallery v%d published (%d templates)", site, published.version, published.count)
 
-    ingest_link = c.make_link(ingest_config(cfg.mqtt.url, f"{cfg.mqtt.client_id}-ingest", **c.tls_options(cfg)))
-    ingest = Ingest(store, ingest_link)
+    group = cfg.mqtt.shared_group or None
+    ingest_link = c.make_link(
+        ingest_config(cfg.mqtt.url, c.client_id(cfg, "ingest"), shared_group=group, **c.link_options(cfg))
+    )
+    ingest = Ingest(store, ingest_link, shared_group=group)
     app = create_app(
         store,
         enroller,
         token=token,
         max_upload_bytes=cfg.api.max_upload_mib * 1024 * 1024,
-        on_change=on_change,
+        on_change=lambda site: leadership.on_change(site, publish),
         devices_site=cfg.site,
-        health=lambda: _health(gallery_link, ingest_link, ingest),
+        health=lambda: _health(gallery_link, ingest_link, ingest, leadership),
     )
     ingest.start()
     ingest_link.start()
     gallery_link.start()
     log.info(
-        "enrollment server: site %s, database %s, broker %s, signing key id %s",
+        "enrollment server: site %s, database %s, broker %s%s, signing key id %s",
         cfg.site,
         store.dialect,
         cfg.mqtt.url,
+        f" (shared subscription group {group})" if group else "",
         signer.key_id,
     )
-    return ServerParts(store, ingest, ingest_link, gallery_link, publisher, app)
+    return ServerParts(store, ingest, ingest_link, gallery_link, publisher, leadership, app)
 
 
 def stop_parts(parts: ServerParts) -> bool:
-    """Stop in the safe order; True when every received event was stored."""
+    """Stop in the safe order; True when every event taken off the wire was stored."""
+    parts.leadership.stop()
     parts.gallery_link.stop()
+    clean = parts.ingest.stop(INGEST_STOP_TIMEOUT_S)  # acks and confirmations still need the ingest link
     parts.ingest_link.stop()
-    clean = parts.ingest.stop(INGEST_STOP_TIMEOUT_S)
     stats = parts.ingest.stats()
     log.info(
-        "enrollment server stopped: %d events stored, %d duplicates, %d rejected",
+        "enrollment server stopped: %d events stored, %d duplicates, %d rejected, %d left with the broker",
         stats.stored,
         stats.duplicates,
         stats.rejected_total,
+        stats.deferred + stats.abandoned,
     )
     parts.store.close()
     return clean
 
 
 def run_server(cfg: ServerConfig) -> int:
-    """Serve until SIGINT / SIGTERM; 0 after a clean stop, 1 when queued events had to be abandoned."""
+    """Serve until SIGINT / SIGTERM; 0 after a clean stop, 1 when taken events were left unstored (the broker
+    redelivers them to the next start)."""
     import uvicorn
 
     # uvicorn handles SIGINT / SIGTERM while it serves, then re-raises the signal under the handlers it found
@@ -125,15 +156,18 @@ def run_server(cfg: ServerConfig) -> int:
     return 0 if clean else 1
 
 
-def _health(gallery_link: Any, ingest_link: Any, ingest: Ingest) -> dict[str, Any]:
+def _health(gallery_link: Any, ingest_link: Any, ingest: Ingest, leadership: GalleryLeadership) -> dict[str, Any]:
     stats = ingest.stats()
     return {
         "mqtt": {"ingest_connected": ingest_link.is_connected(), "gallery_connected": gallery_link.is_connected()},
+        "gallery_publisher": {"leader": leadership.is_leader()},
         "ingest": {
             "received": stats.received,
             "stored": stats.stored,
             "duplicates": stats.duplicates,
             "rejected": dict(stats.rejected),
             "queue_depth": stats.queue_depth,
+            "confirmed": stats.confirmed,
+            "store_retries": stats.store_retries,
         },
     }

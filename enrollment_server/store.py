@@ -31,7 +31,7 @@ from sqlalchemy import ColumnElement, Engine, bindparam, create_engine, event, f
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.pool import StaticPool
 
 from enrollment_server import schema
@@ -46,7 +46,14 @@ from enrollment_server.schema import (
     sites,
     templates,
 )
-from models.errors import ConflictError, DatabaseVersionError, NotFoundError, StoreError, StoreValueError
+from models.errors import (
+    ConflictError,
+    DatabaseVersionError,
+    NotFoundError,
+    StoreDataError,
+    StoreError,
+    StoreValueError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +377,9 @@ def _store_errors() -> Iterator[None]:
     """Driver and SQLAlchemy failures leave the store as StoreError, so callers handle one exception family."""
     try:
         yield
+    except (IntegrityError, DataError) as exc:
+        # the data, not the database: a retry gets the same refusal (callers that retry tell the two apart)
+        raise StoreDataError(f"database refused the data: {exc.orig or exc}") from exc
     except StatementError as exc:
         if isinstance(exc.orig, StoreError):
             raise exc.orig from None  # our own check (e.g. UTCDateTime refusing a naive value), wrapped by SQLAlchemy
@@ -520,6 +530,11 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def url(self) -> URL:
+        """The database's resolved URL (with its password: never log it, render with hide_password=True)."""
+        return self._engine.url
 
     @property
     def dialect(self) -> str:

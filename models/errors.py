@@ -63,6 +63,12 @@ class StoreValueError(StoreError, ValueError):
     """A caller handed the store an invalid value (naive datetime, malformed id or digest, bad embedding shape)."""
 
 
+class StoreDataError(StoreError):
+    """The database refused the data itself (a constraint, a value out of its column's range, a character it
+    cannot hold): writing the same data again gets the same answer. Other StoreErrors (a lock held too long, the
+    connection lost, a full disk) may succeed when retried."""
+
+
 class NotFoundError(StoreError, LookupError):
     """The record an operation needs (site, person, template, device) does not exist."""
 
@@ -75,12 +81,16 @@ class DatabaseVersionError(StoreError):
     """The database was written by a newer version of the program; this one will not touch it."""
 
 
+class LeaseError(FaceAttendError):
+    """The gallery publisher lease cannot be taken or used (another server serves this SQLite database)."""
+
+
 class OutboxError(FaceAttendError):
     """The edge's durable event outbox failed an operation (disk error, misuse, a file from a newer version)."""
 
 
 class OutboxFullError(OutboxError):
-    """The outbox holds its maximum number of undelivered events and its policy is to refuse new ones."""
+    """The outbox holds its maximum number of unconfirmed events and its policy is to refuse new ones."""
 
 
 class SnapshotError(FaceAttendError):

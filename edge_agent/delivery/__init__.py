@@ -1,1 +1,1 @@
-"""Event delivery from the edge: durable outbox, PUBACK-gated publisher, snapshots."""
+"""Event delivery from the edge: durable outbox, a publisher that keeps each event until the server confirms it."""

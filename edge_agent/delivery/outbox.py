@@ -1,11 +1,13 @@
 """The edge's durable outbox: every attendance event is committed here before it is published, and leaves only
-when the broker has acknowledged it (PUBACK). A broker outage, a network loss or `kill -9` of the agent loses
-nothing; what was published but not acknowledged is published again (consumers de-duplicate on `event_id`).
+when the enrollment server has confirmed that it stored it (`confirm`, contract 1.1; or, for a server older than
+1.1, on the broker's PUBACK: `delete`). A broker outage or one that loses its state, a network loss or `kill -9`
+of the agent loses nothing; what was published but not confirmed is published again (the server and consumers
+de-duplicate on `event_id`). The publisher (edge_agent/delivery/event_publisher.py) decides when.
 
 Storage: one SQLite file (stdlib sqlite3), WAL journal, `synchronous=FULL`. In WAL mode NORMAL already survives
-a crash of the process, but a power cut may roll back the last commits; an event's only copy lives here until its
-PUBACK, so every put is made durable (one fsync of the WAL per commit: a few ms on eMMC, far below a door's event
-rate). Deletes pay the same fsync; they are batched by the publisher.
+a crash of the process, but a power cut may roll back the last commits; an event's only copy lives here until it
+is confirmed, so every put is made durable (one fsync of the WAL per commit: a few ms on eMMC, far below a door's
+event rate). Deletes pay the same fsync; they are batched by the publisher.
 
 Sequence numbers: `put_new` assigns the event's per-device `seq` from a counter kept in the same database and
 advanced in the same transaction as the insert, so seqs are unique, gap-free and increasing across restarts, and
@@ -13,9 +15,9 @@ the order of `seq` is the order of the rows. If the file is found corrupt and re
 starts at the current Unix time in milliseconds: a forward jump that consumers see as the gap it really is,
 rather than a reset that would reuse seqs.
 
-Overflow (`max_events` undelivered events, e.g. a broker unreachable for days):
+Overflow (`max_events` unconfirmed events, e.g. a broker or server unreachable for days):
 
-- `drop_oldest` (default): the oldest undelivered events are deleted to make room, logged at ERROR with their
+- `drop_oldest` (default): the oldest unconfirmed events are deleted to make room, logged at ERROR with their
   event_ids and counted in a persistent `dropped` counter; the newest attendance is what a door must keep.
 - `refuse_new`: `put` / `put_new` raise OutboxFullError and the stored events are untouched.
 
@@ -62,6 +64,7 @@ _SCHEMA = (
 )
 
 T = TypeVar("T")
+_MAX_PARAMS = 500  # ids per IN (...) list, well below SQLite's bound-parameter limit
 
 
 def _init_counters(conn: sqlite3.Connection, replaced: bool) -> None:
@@ -72,7 +75,7 @@ def _init_counters(conn: sqlite3.Connection, replaced: bool) -> None:
 
 @dataclass(frozen=True)
 class OutboxItem:
-    """One undelivered event as stored: publish `payload` on `topic`, then `delete([row_id])` on PUBACK."""
+    """One unconfirmed event as stored: publish `payload` on `topic`; it goes with `confirm([event_id])`."""
 
     row_id: int
     event_id: str
@@ -93,7 +96,7 @@ class Outbox(SqliteStore):
         version=1,
         synchronous="FULL",  # why FULL: see the module docstring
         init=_init_counters,
-        lost="its undelivered events are lost",
+        lost="its unconfirmed events are lost",
     )
 
     def __init__(self, conn: sqlite3.Connection, path: Path, max_events: int, overflow: Overflow) -> None:
@@ -112,7 +115,7 @@ class Outbox(SqliteStore):
             raise ConfigError(f"outbox: overflow {overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
         path = Path(path)
         outbox = cls(cls._open_connection(path), path, max_events, overflow)
-        log.info("outbox %s opened: %d undelivered events, next seq %d", path, outbox.depth(), outbox.next_seq())
+        log.info("outbox %s opened: %d unconfirmed events, next seq %d", path, outbox.depth(), outbox.next_seq())
         return outbox
 
     # ---- writing ----
@@ -156,7 +159,7 @@ class Outbox(SqliteStore):
         if excess > 0:
             if self._overflow == "refuse_new":
                 raise OutboxFullError(
-                    f"outbox {self._path} is full ({self._depth} undelivered events, limit {self._max_events}): "
+                    f"outbox {self._path} is full ({self._depth} unconfirmed events, limit {self._max_events}): "
                     f"event {event.event_id} refused"
                 )
             oldest = conn.execute("SELECT id, event_id FROM outbox ORDER BY id LIMIT ?", (excess,)).fetchall()
@@ -181,7 +184,7 @@ class Outbox(SqliteStore):
         # logged once committed: a rolled-back drop lost nothing
         if dropped:
             log.error(
-                "outbox %s full (limit %d): dropped the %d oldest undelivered events to keep event %s: %s",
+                "outbox %s full (limit %d): dropped the %d oldest unconfirmed events to keep event %s: %s",
                 self._path,
                 self._max_events,
                 len(dropped),
@@ -191,8 +194,8 @@ class Outbox(SqliteStore):
         log.debug("outbox: stored event %s seq %d (depth %d)", event.event_id, event.seq, self._depth)
 
     def delete(self, row_ids: Iterable[int]) -> int:
-        """Remove acknowledged events (ids already gone are ignored: dropped on overflow meanwhile); returns how
-        many rows went."""
+        """Remove delivered events by row id (ids already gone are ignored: dropped on overflow meanwhile);
+        returns how many rows went."""
         ids = [(int(i),) for i in row_ids]
         if not ids:
             return 0
@@ -206,10 +209,45 @@ class Outbox(SqliteStore):
             log.debug("outbox: %d delivered events removed (depth %d)", removed, self._depth)
         return removed
 
+    def confirm(self, event_ids: Iterable[str]) -> list[int]:
+        """Remove the events the server confirmed (ids not here are ignored: confirmed before, or from another
+        run); returns the row ids that went."""
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return []
+
+        def work(conn: sqlite3.Connection) -> tuple[list[int], int]:
+            gone: list[int] = []
+            for i in range(0, len(ids), _MAX_PARAMS):
+                part = ids[i : i + _MAX_PARAMS]
+                marks = ",".join("?" * len(part))
+                gone += [
+                    r[0] for r in conn.execute(f"DELETE FROM outbox WHERE event_id IN ({marks}) RETURNING id", part)
+                ]
+            return gone, -len(gone)
+
+        gone = self._write_counted(work)
+        if gone:
+            log.debug("outbox: %d confirmed events removed (depth %d)", len(gone), self._depth)
+        return gone
+
     # ---- reading ----
 
+    def items(self, row_ids: Iterable[int]) -> list[OutboxItem]:
+        """The rows still here among `row_ids`, oldest first (to publish again)."""
+        ids = [int(i) for i in row_ids]
+        out: list[OutboxItem] = []
+        for i in range(0, len(ids), _MAX_PARAMS):
+            part = ids[i : i + _MAX_PARAMS]
+            marks = ",".join("?" * len(part))
+            rows = self._read(
+                f"SELECT id, event_id, seq, topic, payload, created FROM outbox WHERE id IN ({marks})", tuple(part)
+            )
+            out += [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5]) for r in rows]
+        return sorted(out, key=lambda item: item.row_id)
+
     def pending(self, limit: int, *, after_id: int = 0) -> list[OutboxItem]:
-        """Up to `limit` undelivered events with a row id above `after_id`, oldest first."""
+        """Up to `limit` unconfirmed events with a row id above `after_id`, oldest first."""
         rows = self._read(
             "SELECT id, event_id, seq, topic, payload, created FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
@@ -217,11 +255,11 @@ class Outbox(SqliteStore):
         return [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4]), r[5]) for r in rows]
 
     def depth(self) -> int:
-        """Undelivered events."""
+        """Unconfirmed events (published or not)."""
         return self._depth
 
     def oldest_age_s(self) -> float:
-        """Seconds since the oldest undelivered event was put; 0.0 when the outbox is empty."""
+        """Seconds since the oldest unconfirmed event was put; 0.0 when the outbox is empty."""
         rows = self._read("SELECT created FROM outbox ORDER BY id LIMIT 1", ())
         # max(): a wall clock set back must not make an age negative
         return max(0.0, time.time() - rows[0][0]) if rows else 0.0

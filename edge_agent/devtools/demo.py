@@ -118,7 +118,8 @@ class ServerProcess:
                 {
                     "site": SITE,
                     "database": {"url": str(workdir / "server.db")},
-                    "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server"},
+                    # 3.1.1: the embedded broker speaks nothing else
+                    "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server", "protocol": "3.1.1"},
                     "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
                     "api": {"host": "127.0.0.1", "port": self.api_port},
                 }

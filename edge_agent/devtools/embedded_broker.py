@@ -21,7 +21,8 @@ What it does: the subset of MQTT 3.1.1 that the wire contract and `models.contra
   `max_queued_messages` waiting behind them; beyond that new messages are dropped (Mosquitto's policy). QoS 0 is
   dropped for an absent client and for one whose socket already holds `MAX_QOS0_BACKLOG` unsent bytes.
 
-Not there: TLS, authentication and ACLs, MQTT 5, persistence to disk, $SYS topics.
+Not there: TLS, authentication and ACLs, MQTT 5, shared subscriptions (refused), persistence to disk, $SYS
+topics.
 
 Why not amqtt (0.12.1, the maintained pure-Python broker): it discards the persistent session of every anonymous
 client, and with a username it re-delivers queued messages with retain=1 (consumers would take live events for
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from models.contract.limits import MAX_CHUNK_SIZE, MIB
-from models.contract.mqtt_link import check_topic_filter
+from models.contract.mqtt_link import SHARE_PREFIX, check_topic_filter
 from models.errors import ConfigError, EmbeddedBrokerError, MqttError
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,9 @@ class _Core:
             try:
                 check_topic_filter(topic_filter)
             except MqttError:
+                codes.append(_SUBACK_FAILURE)
+                continue
+            if topic_filter.startswith(SHARE_PREFIX):  # not implemented: refused rather than never delivered
                 codes.append(_SUBACK_FAILURE)
                 continue
             qos = min(requested, 1)

@@ -8,6 +8,10 @@ that each sighting prolongs: a person standing at the door all morning is counte
 Unknown faces are refused unless `unknown_events` is on; then each track gives at most one unknown event (the
 recognizer already decides a track once, the gate makes it hold even for a caller that replays decisions).
 
+Admission is a promise that an event will exist: when the event cannot be stored after all (the outbox refuses
+it, the disk is full), the caller `revoke`s the admission, so the person's next decision is admitted instead of
+being suppressed as a repeat of an event nobody will ever see.
+
 Time is the decision's `decided_ts` (time.monotonic() in the agent), so the gate follows the frames, not the moment
 it is called. Memory is bounded: entries older than the window are dropped as admissions go by (oldest first, in
 O(1) amortised), and at most `max_entries` are kept; past that the oldest goes early (logged), which can only let a
@@ -53,6 +57,7 @@ class AttendanceStats:
     suppressed_unknown: int  # unknowns refused because unknown_events is off
     entries: int  # pairs remembered now
     evicted_early: int  # entries dropped before their window ended because of max_entries
+    revoked: int  # admissions taken back because their event could not be stored (not in admitted_*)
 
 
 _Key = tuple[str, str, object]  # ("person", camera, person_id) or ("track", camera, track_id)
@@ -70,18 +75,16 @@ class AttendanceGate:
         self._repeat = 0
         self._unknown_off = 0
         self._evicted = 0
+        self._revoked = 0
 
     def admit(self, decision: TrackDecision) -> bool:
         """True when this decision is to become an attendance event (and is remembered as such)."""
         now = decision.decided_ts
-        if decision.person_id is None:
-            if not self.config.unknown_events:
-                with self._lock:
-                    self._unknown_off += 1
-                return False
-            key: _Key = ("track", decision.camera, decision.track_id)
-        else:
-            key = ("person", decision.camera, decision.person_id)
+        if decision.person_id is None and not self.config.unknown_events:
+            with self._lock:
+                self._unknown_off += 1
+            return False
+        key = self._key(decision)
         with self._lock:
             self._expire(now)
             last = self._entries.get(key)
@@ -100,6 +103,27 @@ class AttendanceGate:
                 self._known += 1
             return True
 
+    def revoke(self, decision: TrackDecision) -> None:
+        """`decision` was admitted but its event was not stored: forget the admission (if it is still the one
+        remembered for its person or track) and count it as revoked rather than admitted."""
+        if decision.person_id is None and not self.config.unknown_events:
+            return  # never admitted
+        key = self._key(decision)
+        with self._lock:
+            if self._entries.get(key) == decision.decided_ts:
+                del self._entries[key]
+            self._revoked += 1
+            if decision.person_id is None:
+                self._unknown -= 1
+            else:
+                self._known -= 1
+
+    @staticmethod
+    def _key(decision: TrackDecision) -> _Key:
+        if decision.person_id is None:
+            return ("track", decision.camera, decision.track_id)
+        return ("person", decision.camera, decision.person_id)
+
     def _expire(self, now: float) -> None:
         window = self.config.window_s
         while self._entries:
@@ -117,4 +141,5 @@ class AttendanceGate:
                 suppressed_unknown=self._unknown_off,
                 entries=len(self._entries),
                 evicted_early=self._evicted,
+                revoked=self._revoked,
             )

@@ -4,7 +4,8 @@ Modules, each with one job:
 
 - `topics`: topic names under `faceattend/v1`, subscription filters, parsing, site / device id rules;
 - `codec`: the JSON envelope (`schema`, `schema_version`), size limits, strict typed field checks;
-- `events`, `status`: the attendance event, the edge status and the gallery ack payloads;
+- `events`, `status`: the attendance event and the server's `events_stored` confirmation, the edge status and the
+  gallery ack payloads;
 - `gallery`: the in-memory gallery, its little-endian binary blob, the signed manifest, chunking;
 - `signing`: Ed25519 keys, key ids, signatures;
 - `assembler`: rebuilds a verified gallery from retained manifest + chunk messages arriving in any order;

@@ -3,7 +3,7 @@
 Envelope rules (DESIGN.md, "Wire contract"):
 
 - every payload is a UTF-8 JSON object with `schema` (e.g. "faceattend.attendance_event") and `schema_version`
-  ("MAJOR.MINOR", written as "1.0");
+  ("MAJOR.MINOR", written as "1.1"; 1.1 added the server's `events_stored` confirmation, models/contract/events.py);
 - a reader checks the size first (a per-kind limit, before any parsing), then UTF-8, JSON (no NaN / Infinity,
   no duplicate keys), object, `schema`;
 - major version 1 is accepted with any minor (a 1.x writer may add optional fields); another major is refused
@@ -36,7 +36,7 @@ from models.contract import timestamps
 from models.contract.topics import validate_id
 from models.errors import PayloadError, SchemaVersionError, TopicError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
@@ -113,7 +113,9 @@ def decode_object(payload: bytes | bytearray | memoryview, schema: str, max_byte
     return obj
 
 
-def check_version(version: object, schema: str) -> None:
+def check_version(version: object, schema: str) -> tuple[int, int]:
+    """(major, minor) of a payload's `schema_version`; PayloadError when misspelt, SchemaVersionError for another
+    major."""
     if not isinstance(version, str):
         raise PayloadError(f"{schema}: field 'schema_version' must be a string \"MAJOR.MINOR\", got {version!r}")
     m = _VERSION.fullmatch(version)
@@ -123,6 +125,7 @@ def check_version(version: object, schema: str) -> None:
         raise SchemaVersionError(
             f"{schema}: schema_version {version!r} has major {m[1]}; this reader understands {SUPPORTED_MAJOR}.x"
         )
+    return int(m[1]), int(m[2])
 
 
 def from_object(cls: type[M], obj: Mapping[str, Any]) -> M:

@@ -14,6 +14,9 @@ MIB = 1024 * KIB
 MAX_EVENT_BYTES = 64 * KIB
 MAX_STATUS_BYTES = 64 * KIB
 MAX_ACK_BYTES = 64 * KIB
+MAX_STORED_BYTES = 64 * KIB
+# event ids in one `events_stored` confirmation: 1000 canonical UUIDs are about 39 KiB of JSON
+MAX_STORED_IDS = 1000
 # The manifest lists one sha256 per chunk: 4096 chunks x 67 bytes ("<64 hex>",) is about 270 KiB, so the
 # manifest cannot live under the 64 KiB of the other payloads.
 MAX_MANIFEST_BYTES = 512 * KIB

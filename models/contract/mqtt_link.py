@@ -15,6 +15,14 @@ against a real Mosquitto):
 - Handlers run on paho's network thread, one at a time; an exception in a handler is logged and the loop goes
   on. A slow handler delays everything else on the link (including PUBACKs and keep-alives): hand heavy work to
   a worker thread. Never call `stop()` from a handler.
+- Acknowledging what we receive: by default paho sends the PUBACK of an inbound QoS 1 message when the handler
+  returns. A link made with `manual_ack=True` sends it only when `ack(message)` is called (from any thread), so a
+  consumer can acknowledge once the message is safely stored: until then the broker keeps it, counts it against
+  the client's in-flight window (MQTT 5: `receive_maximum`; MQTT 3.1.1: the broker's `max_inflight_messages`)
+  and, for a persistent session, sends it again after a reconnect. An ack for a message of an earlier connection
+  is not sent (the broker sends that message again on the new connection, where it is acknowledged anew).
+- Shared subscriptions: a filter `$share/{group}/{filter}` (MQTT 5, also accepted from 3.1.1 clients by
+  Mosquitto 2) makes the broker hand each message to one member of the group; the handler sees the real topic.
 - Publishing: `publish()` never silently drops a QoS 1 message. paho keeps every QoS >= 1 message in its memory
   queue (`max_queued_messages_set(0)`: unbounded; the durable outbox upstream bounds it) until the broker's
   PUBACK, and resends it after a reconnect, also when `publish()` was called while disconnected (paho then returns
@@ -74,6 +82,8 @@ class MqttConfig:
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 30
     max_inflight: int = 20
+    manual_ack: bool = False  # inbound QoS 1 messages are acknowledged by `ack()`, not on the handler's return
+    receive_maximum: int | None = None  # MQTT 5 only: unacknowledged inbound messages the broker may have out
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -98,6 +108,11 @@ class MqttConfig:
             raise ConfigError("mqtt: cert_file and key_file go together")
         if self.password is not None and self.username is None:
             raise ConfigError("mqtt: a password needs a username")
+        if self.receive_maximum is not None:
+            if self.protocol != "5":
+                raise ConfigError('mqtt: receive_maximum is an MQTT 5 setting (protocol "5")')
+            if not 1 <= self.receive_maximum <= 65535:
+                raise ConfigError(f"mqtt: receive_maximum {self.receive_maximum} is not in [1, 65535]")
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MqttConfig:
@@ -147,6 +162,8 @@ class InboundMessage:
     payload: bytes
     qos: int
     retain: bool  # True when replayed from the broker's retained store
+    mid: int = 0  # the packet id, for `MqttLink.ack` on a manual_ack link (QoS >= 1)
+    connection: int = 0  # which connection of the link delivered it (an ack goes out on that one only)
 
 
 Handler = Callable[[InboundMessage], None]
@@ -226,12 +243,37 @@ class MqttLink(abc.ABC):
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
         """Called with True on every (re)connect and False on every loss, on the network thread."""
 
+    @abc.abstractmethod
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge `message` (QoS >= 1) on a link made with `manual_ack`; on other links the handler's return
+        already did, and this does nothing."""
+
+
+SHARE_PREFIX = "$share/"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """`$share/{group}/{filter}`: each matching message goes to one subscriber of the group."""
+    return check_topic_filter(f"{SHARE_PREFIX}{group}/{topic_filter}")
+
+
+def matched_filter(topic_filter: str) -> str:
+    """The part of a filter that topics are matched against (a shared subscription's filter without its prefix)."""
+    if topic_filter.startswith(SHARE_PREFIX):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
 
 def check_topic_filter(topic_filter: str) -> str:
-    """MQTT filter rules: non-empty, `+` a whole level, `#` a whole last level."""
+    """MQTT filter rules: non-empty, `+` a whole level, `#` a whole last level; `$share/{group}/{filter}` with a
+    group name free of wildcards."""
     if not isinstance(topic_filter, str) or not topic_filter or "\x00" in topic_filter:
         raise MqttError(f"topic filter {topic_filter!r} is empty or not a string")
-    levels = topic_filter.split("/")
+    if topic_filter.startswith(SHARE_PREFIX):
+        parts = topic_filter.split("/", 2)
+        if len(parts) < 3 or not parts[1] or "+" in parts[1] or "#" in parts[1] or not parts[2]:
+            raise MqttError(f"shared subscription {topic_filter!r} must be $share/GROUP/FILTER")
+    levels = matched_filter(topic_filter).split("/")
     for i, level in enumerate(levels):
         if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
             raise MqttError(f"topic filter {topic_filter!r}: wildcards must fill a level ('#' only the last)")
@@ -264,6 +306,7 @@ class PahoMqttLink(MqttLink):
         self._granted: dict[str, threading.Event] = {}  # filter -> set while granted on this connection
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
+        self._connection = 0  # counts connections; inbound messages carry theirs (acks go out on it only)
         self._started = False
         self._stopped = False
         self._connect_failures = 0
@@ -282,6 +325,7 @@ class PahoMqttLink(MqttLink):
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             # MQTT 5 expresses the session through clean_start + session expiry at connect time instead
             clean_session=None if v5 else cfg.clean_session,
+            manual_ack=cfg.manual_ack,
         )
         client.enable_logger(_PAHO_LOG)
         client.suppress_exceptions = True  # a bug in a callback of ours must not end the network thread
@@ -321,6 +365,8 @@ class PahoMqttLink(MqttLink):
         if cfg.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if cfg.clean_session else cfg.session_expiry
+            if cfg.receive_maximum is not None:
+                props.ReceiveMaximum = cfg.receive_maximum
             options = {"clean_start": cfg.clean_session, "properties": props}
         log.info("mqtt: connecting to %s as %s", cfg.url, self._client_id)
         self._client.connect_async(cfg.host, cfg.port, cfg.keepalive, **options)
@@ -430,6 +476,17 @@ class PahoMqttLink(MqttLink):
         with self._lock:
             self._listeners.append(listener)
 
+    def ack(self, message: InboundMessage) -> None:
+        if not self._config.manual_ack or message.qos == 0:
+            return
+        with self._lock:
+            current = self._connected.is_set() and message.connection == self._connection
+        if not current:
+            # paho would send it on whatever connection is up now; the broker re-sends the message there instead
+            log.debug("mqtt: ack of mid %d from an earlier connection not sent", message.mid)
+            return
+        self._client.ack(message.mid, message.qos)
+
     # ---- paho callbacks (network thread) ----
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
@@ -439,6 +496,7 @@ class PahoMqttLink(MqttLink):
             return
         with self._lock:
             self._connected.set()
+            self._connection += 1
             subs = [(f, qos) for f, (qos, _) in self._subs.items()]
             listeners = list(self._listeners)
         self._connect_failures = 0
@@ -501,11 +559,16 @@ class PahoMqttLink(MqttLink):
             log.warning("mqtt: message with a non-UTF-8 topic dropped")
             return
         with self._lock:
-            handlers = [h for f, (_, h) in self._subs.items() if mqtt.topic_matches_sub(f, topic)]
+            handlers = [h for f, (_, h) in self._subs.items() if mqtt.topic_matches_sub(matched_filter(f), topic)]
+            connection = self._connection
         if not handlers:
-            log.debug("mqtt: message on %s matches no subscription (unsubscribed meanwhile?)", topic)
+            # on a manual_ack link it stays unacknowledged: the broker sends it again on the next connection
+            level = logging.WARNING if self._config.manual_ack else logging.DEBUG
+            log.log(level, "mqtt: message on %s matches no subscription (subscribed after connecting?)", topic)
             return
-        inbound = InboundMessage(topic, bytes(message.payload), message.qos, bool(message.retain))
+        inbound = InboundMessage(
+            topic, bytes(message.payload), message.qos, bool(message.retain), message.mid, connection
+        )
         for handler in handlers:
             try:
                 handler(inbound)

@@ -9,6 +9,11 @@ readers can run side by side. Layout:
     faceattend/v1/edge/{device}/events              edge -> consumers, not retained
     faceattend/v1/edge/{device}/stylized            edge -> consumers, not retained (a snapshot painted offline)
     faceattend/v1/edge/{device}/gallery/ack         edge -> server
+    faceattend/v1/device/{device}/stored            server -> that edge, not retained (since 1.1: the events the
+                                                    server has stored; the edge forgets an event only then)
+
+The branch says the direction: `edge/{device}/` is what a device writes, `site/` and `device/{device}/` what the
+server writes to edges, so that a broker ACL can give each side exactly its own (deploy/mosquitto/acl).
 
 Site and device ids are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`: never empty, never a wildcard (`+`, `#`) or a level
 separator (`/`), so an id can neither widen a subscription nor move a message to another topic.
@@ -36,6 +41,7 @@ class TopicKind(str, enum.Enum):
     EDGE_EVENTS = "edge_events"
     GALLERY_ACK = "gallery_ack"
     EDGE_STYLIZED = "edge_stylized"
+    EVENTS_STORED = "events_stored"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,10 @@ def edge_stylized(device: str) -> str:
     return f"{ROOT}/edge/{validate_id(device, 'device')}/stylized"
 
 
+def events_stored(device: str) -> str:
+    return f"{ROOT}/device/{validate_id(device, 'device')}/stored"
+
+
 # Subscription filters.
 ALL_EDGE_EVENTS = f"{ROOT}/edge/+/events"
 ALL_EDGE_STATUS = f"{ROOT}/edge/+/status"
@@ -95,6 +105,8 @@ ALL_GALLERY_ACKS = f"{ROOT}/edge/+/gallery/ack"
 SERVER_FILTERS = (ALL_EDGE_EVENTS, ALL_EDGE_STATUS, ALL_GALLERY_ACKS)
 # not among the server's: stylised snapshots are for whoever shows them (a lobby screen, a gallery page)
 ALL_EDGE_STYLIZED = f"{ROOT}/edge/+/stylized"
+# what the server publishes confirmations on (its broker ACL grants exactly this)
+ALL_EVENTS_STORED = f"{ROOT}/device/+/stored"
 
 
 def site_gallery_filter(site: str) -> str:
@@ -130,4 +142,6 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.GALLERY_ACK, device=device)
         if rest == ["stylized"]:
             return ParsedTopic(TopicKind.EDGE_STYLIZED, device=device)
+    elif len(parts) == 3 and parts[0] == "device" and parts[2] == "stored":
+        return ParsedTopic(TopicKind.EVENTS_STORED, device=validate_id(parts[1], "device"))
     raise TopicError(f"topic {topic!r} is not a faceattend contract topic")

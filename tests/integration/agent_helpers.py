@@ -1,7 +1,5 @@
 """Helpers for tests/integration/test_agent_e2e.py (not a test module).
 
-- `Server`: the enrollment server as its own processes, driven through its CLI (`init`, `import`, `enroll`,
-  `remove`, `publish`) and `serve` (waited for on /healthz), with its SQLite store readable by the test.
 - `Tap`: an MQTT subscriber that keeps every delivery (duplicates and retained replays included).
 - The people of the scenarios (the shipped `edge_agent/devtools/demo_people`) and the videos rendered from them.
 - `edge_config`: an edge agent's configuration, as a mapping (for `config_from_dict`) or a YAML file (for
@@ -10,11 +8,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,21 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
-from conftest import FAST_RECONNECT, free_port
+from conftest import FAST_RECONNECT
 from mjpeg import MjpegServer
-from waiting import wait_until
 
 from edge_agent.devtools.demo import DEMO_PEOPLE
 from edge_agent.devtools.videogen import Appearance, GroundTruth, VideoSpec, generate_video, plan_appearances
-from enrollment_server.store import Store, StoredEvent
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink
-
-TOKEN = "agent-e2e-admin-token-0123456789"
-SERVER_START_TIMEOUT_S = 90.0
-CLI_TIMEOUT_S = 180.0
 
 
 def photos(person: str) -> tuple[Path, ...]:
@@ -100,96 +87,6 @@ def repeated(appearances: Sequence[Appearance], times: int, gap_s: float = 1.0) 
 def render(out: Path, appearances: Sequence[Appearance], *, seed: int) -> GroundTruth:
     """640 x 480 at 15 fps, the video generator's defaults."""
     return generate_video(VideoSpec(tuple(appearances), seed=seed), out)
-
-
-# --- the enrollment server ------------------------------------------------------------------------------------------
-
-
-class Server:
-    def __init__(self, root: Path, broker_url: str, site: str, database: str | None = None) -> None:
-        """`database`: a SQLite path or a PostgreSQL URL (default: a SQLite file in `root`)."""
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.site = site
-        self.db = database or str(root / "server.db")
-        self.key = root / "keys" / "gallery.pem"
-        self.public_key = root / "keys" / "gallery.pub.pem"
-        self.port = free_port()
-        self.config = root / "server.yaml"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "site": site,
-                    "database": {"url": self.db},
-                    "mqtt": {"url": broker_url, "client_id": f"e2e-server-{self.port}"},
-                    "gallery": {"signing_key": str(self.key)},
-                    "api": {"host": "127.0.0.1", "port": self.port},
-                }
-            )
-        )
-        self.log = root / "server.log"
-        self.env = {**os.environ, "FACEATTEND_ADMIN_TOKEN": TOKEN}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30.0)
-        self._store: Store | None = None
-
-    # CLI commands (each its own process, as an admin runs them)
-    def cli(self, *args: str, ok: Sequence[int] = (0,)) -> list[dict[str, Any]]:
-        cmd = [sys.executable, "-m", "enrollment_server.cli", "-c", str(self.config), *args]
-        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
-        assert r.returncode in ok, f"{' '.join(args)}: exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
-        out = []
-        for line in r.stdout.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "enrollment_server.cli", "-c", str(self.config), "serve"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        assert wait_until(self._healthy, timeout=SERVER_START_TIMEOUT_S, interval=0.2), self.log_tail()
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-        try:
-            return self.http.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def health(self) -> dict[str, Any]:
-        return self.http.get("/healthz").json()["components"]
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        self.http.close()
-        if self._store is not None:
-            self._store.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    # what the server stored
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store.open(self.db)
-        return self._store
-
-    def events(self, device: str) -> list[StoredEvent]:
-        return self.store.events(device_id=device)
-
-    def latest_version(self, site: str) -> int:
-        latest = self.store.latest_gallery_version(site)
-        return 0 if latest is None else latest.version
 
 
 # --- MQTT -----------------------------------------------------------------------------------------------------------

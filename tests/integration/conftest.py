@@ -10,7 +10,6 @@ Databases: `db` (a `storedb.Db`) and `store` (an open `Store` on it) run each te
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
@@ -20,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -255,20 +255,16 @@ def pg_database() -> Iterator[URL]:
         admin.dispose()
 
 
-@contextlib.contextmanager
-def _database(request: pytest.FixtureRequest, backend: str, folder: Path) -> Iterator[Db]:
-    """An empty database: a SQLite file in `folder`, or a schema of its own in the session's PostgreSQL database."""
-    if backend == "sqlite":
-        yield Db(url=str(folder / "faceattend.db"), backend="sqlite")
-        return
-    base: URL = request.getfixturevalue("pg_database")
+@contextmanager
+def _pg_schema(base: URL) -> Iterator[str]:
+    """A fresh schema in the session's database: the URL (search_path set) to it, dropped afterwards."""
     schema_name = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema_name}")
     url = base.update_query_dict({"options": f"-csearch_path={schema_name}"})
     try:
-        yield Db(url=url.render_as_string(hide_password=False), backend="postgresql")
+        yield url.render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema_name} CASCADE")
@@ -286,6 +282,23 @@ def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     """As `db`, shared by a module's tests (a server process that lives for the whole module)."""
     with _database(request, request.param, tmp_path_factory.mktemp("db")) as handle:
         yield handle
+
+
+@contextmanager
+def _database(request: pytest.FixtureRequest, backend: str, folder: Path) -> Iterator[Db]:
+    """An empty database: a SQLite file in `folder`, or a schema of its own in the session's PostgreSQL database."""
+    if backend == "sqlite":
+        yield Db(url=str(folder / "faceattend.db"), backend="sqlite")
+        return
+    with _pg_schema(request.getfixturevalue("pg_database")) as url:
+        yield Db(url=url, backend="postgresql")
+
+
+@pytest.fixture
+def pg_url(pg_database: URL) -> Iterator[str]:
+    """PostgreSQL only (skipped when unreachable): a fresh schema's URL, for a server process's config."""
+    with _pg_schema(pg_database) as url:
+        yield url
 
 
 @pytest.fixture

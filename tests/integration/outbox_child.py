@@ -41,7 +41,7 @@ def main(path: str, url: str, device: str, count: int, interval_s: float) -> Non
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     outbox = Outbox.open(path)
     link = PahoMqttLink(MqttConfig.from_url(url, reconnect_min_delay=1, reconnect_max_delay=2, keepalive=5))
-    publisher = EventPublisher(outbox, link)
+    publisher = EventPublisher(outbox, link, device)
     link.start()
     publisher.start()
     if not link.wait_connected(10.0):

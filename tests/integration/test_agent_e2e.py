@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_helpers import (
-    Server,
     Tap,
     door_walk_ins,
     edge_config,
@@ -45,6 +44,7 @@ from agent_helpers import (
     write_config,
 )
 from conftest import MosquittoBroker, mosquitto_binary
+from server_process import Server
 from storedb import Db
 from waiting import wait_until
 
@@ -137,7 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, mod
     """The server process on each database it supports (every test of the module runs against both)."""
     root = tmp_path_factory.mktemp(f"e2e-{module_db.backend}")
     started = time.monotonic()
-    server = Server(root / "server", broker.url, HQ, module_db.url)
+    server = Server(root / "server", broker.url, HQ, database=module_db.url)
     try:
         server.cli("init")
         for site, people, prefix in ((HQ, HQ_ENROLLED, ""), (LAB, ["Barack_Obama"], LAB_PREFIX)):
@@ -428,8 +428,13 @@ def test_events_made_during_a_broker_outage_all_reach_the_server_once(
     assert wait_until(lambda: quiescent(agent.health()), timeout=30.0)
     held = agent.outbox_depth()
     assert held >= 1, "no event was made during the outage"
-    made = agent.health()["events"]["stored_total"]
-    assert not agent.health()["mqtt_connected"]
+    health = agent.health()
+    made = health["events"]["stored_total"]
+    assert not health["mqtt_connected"]
+    # what is waiting shows in the status figures and the metrics: depth and the oldest unconfirmed event's age
+    assert health["outbox"]["depth"] == held and health["outbox"]["oldest_unconfirmed_age_s"] > 0
+    page = agent.metrics.render()
+    assert f"faceattend_edge_outbox_depth {held}" in page and "faceattend_edge_outbox_oldest_unconfirmed_age_s " in page
 
     broker.start()
     up_at = time.monotonic()
@@ -579,6 +584,8 @@ def test_an_agent_killed_with_sigkill_and_restarted_loses_no_event_and_the_statu
         assert online.gallery_version == world.server.latest_version(HQ)
         assert health["pipeline"]["fps"] > 0 and health["pipeline"]["frames_total"] > 0
         assert health["outbox"]["depth"] == 0 and health["gallery"]["version"] == online.gallery_version
+        assert health["outbox"]["awaiting_confirmation"] == 0 and health["outbox"]["oldest_unconfirmed_age_s"] == 0
+        assert health["publisher"]["confirmed"] >= 1 and health["publisher"]["confirm_by"] == "server"
         assert health["mqtt_connected"] is True
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0, logs[1].read_text()[-3000:]

@@ -36,9 +36,9 @@ from deploy_broker import (
     server_config,
 )
 
-from enrollment_server.provisioning import BrokerAuth, consumer_acl, device_acl, hash_password
+from enrollment_server.provisioning import AclBlock, BrokerAuth, consumer_acl, device_acl, hash_password
 from models.contract import topics
-from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink, Will
+from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink, Will, shared_filter
 
 DEVICES = {"door-1": "hq", "door-2": "hq", "gate-7": "annex"}
 CONSUMER = "reports"
@@ -157,11 +157,32 @@ def test_over_tls_an_edge_and_the_server_connect_and_exchange_contract_traffic(s
     for topic, payload in ((topics.gallery_blob("hq", 0), b"chunk"), (topics.gallery_manifest("hq"), b"manifest")):
         assert server.publish(topic, payload, qos=1, retain=True).wait(DELIVERY_S)
         edge_inbox.wait_for(topic, payload)
+    # the server confirms stored events to the edge that sent them
+    confirmations = Inbox(edge, topics.events_stored("door-1"))
+    assert server.publish(topics.events_stored("door-1"), b"stored", qos=1).wait(DELIVERY_S)
+    confirmations.wait_for(topics.events_stored("door-1"), b"stored")
 
     # MQTT 5 works the same way (the server and consumers may use either protocol)
     v5 = site.connect("door-2", protocol="5")
     assert v5.publish(topics.edge_events("door-2"), b"v5", qos=1).wait(DELIVERY_S)
     server_inbox.wait_for(topics.edge_events("door-2"), b"v5")
+
+
+def test_the_servers_of_one_site_share_the_edges_events_through_a_shared_subscription(site):
+    first = site.server("enrollment-server-ingest-a", protocol="5")
+    second = site.server("enrollment-server-ingest-b", protocol="5")
+    shared = shared_filter("ingest", topics.ALL_EDGE_EVENTS)
+    inboxes = [Inbox(first, shared), Inbox(second, shared)]
+    edge = site.connect("door-1")
+    sent = [f"event {i}".encode() for i in range(20)]
+    for payload in sent:
+        assert edge.publish(topics.edge_events("door-1"), payload, qos=1).wait(DELIVERY_S)
+    deadline = time.monotonic() + DELIVERY_S
+    while sum(len(i.got) for i in inboxes) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = [p for inbox in inboxes for p in inbox.payloads()]
+    assert sorted(got) == sorted(sent)  # each event to one server: the shipped ACL grants the shared filter
+    assert all(inbox.got for inbox in inboxes)  # and both take a share
 
 
 def test_clients_without_valid_credentials_are_refused(site, tmp_path):
@@ -233,6 +254,9 @@ def test_a_device_cannot_publish_as_another_device_nor_publish_a_gallery(site):
         (topics.gallery_manifest("hq"), b"forged manifest", True),
         (topics.gallery_blob("hq", 0), b"forged chunk", True),
         (f"{topics.ROOT}/edge/door-1-extra/events", b"prefix is not the device", False),
+        # confirmations are the server's word: not even for its own events may a device write one
+        (topics.events_stored("door-2"), b"forged confirmation", False),
+        (topics.events_stored("door-1"), b"forged own confirmation", False),
     ]
     door1 = site.connect("door-1")
     for topic, payload, retain in forged:
@@ -264,16 +288,19 @@ def test_a_device_reads_only_its_own_sites_gallery_and_no_other_devices_traffic(
         f"{topics.ROOT}/site/+/gallery/#",
         topics.ALL_EDGE_EVENTS,
         topics.ALL_EDGE_STATUS,
+        topics.ALL_EVENTS_STORED,
     )
     inbox.wait_for(topics.gallery_manifest("hq"), b"hq gallery")  # retained, replayed on subscribe
-    # live traffic too: another site's gallery chunk, another device's event, then a marker for door-1
+    # live traffic too: another site's gallery chunk, another device's event and confirmation, then door-1's own
     assert server.publish(topics.gallery_blob("annex", 0), b"annex chunk", qos=1).wait(DELIVERY_S)
     gate = site.connect("gate-7")
     assert gate.publish(topics.edge_events("gate-7"), b"gate event", qos=1).wait(DELIVERY_S)
+    assert server.publish(topics.events_stored("gate-7"), b"gate stored", qos=1).wait(DELIVERY_S)
+    assert server.publish(topics.events_stored("door-1"), b"door-1 stored", qos=1).wait(DELIVERY_S)
     assert server.publish(topics.gallery_blob("hq", 0), b"hq chunk", qos=1).wait(DELIVERY_S)
     inbox.wait_for(topics.gallery_blob("hq", 0), b"hq chunk")
     time.sleep(0.3)
-    assert sorted(inbox.payloads()) == [b"hq chunk", b"hq gallery"], inbox.topics()
+    assert sorted(inbox.payloads()) == [b"door-1 stored", b"hq chunk", b"hq gallery"], inbox.topics()
 
     # the device at the other site gets its own gallery only
     gate_inbox = Inbox(gate, f"{topics.ROOT}/site/+/gallery/#")
@@ -286,12 +313,15 @@ def test_a_consumer_reads_events_and_statuses_and_cannot_publish(site):
     observer = site.connect(OBSERVER)
     inbox = Inbox(observer, f"{topics.ROOT}/#")
     consumer = site.connect(CONSUMER, protocol="5")
-    consumer_inbox = Inbox(consumer, topics.ALL_EDGE_EVENTS, topics.ALL_EDGE_STATUS, f"{topics.ROOT}/site/#")
+    consumer_inbox = Inbox(
+        consumer, topics.ALL_EDGE_EVENTS, topics.ALL_EDGE_STATUS, f"{topics.ROOT}/site/#", topics.ALL_EVENTS_STORED
+    )
     for topic, retain in (
         (topics.edge_events("door-1"), False),
         (topics.edge_status("door-1"), True),
         (topics.gallery_manifest("hq"), True),
         (topics.gallery_ack("door-1"), False),
+        (topics.events_stored("door-1"), False),
         (f"{topics.ROOT}/consumer/{CONSUMER}/anything", False),
     ):
         handle = consumer.publish(topic, b"from the consumer", qos=1, retain=retain)
@@ -302,8 +332,12 @@ def test_a_consumer_reads_events_and_statuses_and_cannot_publish(site):
     assert server.publish(topics.gallery_manifest("hq"), b"gallery", qos=1, retain=True).wait(DELIVERY_S)
     inbox.wait_for(topics.gallery_manifest("hq"), b"gallery")
     time.sleep(0.3)
+    assert server.publish(topics.events_stored("door-1"), b"stored", qos=1).wait(DELIVERY_S)
+    inbox.wait_for(topics.events_stored("door-1"), b"stored")
+    time.sleep(0.3)
     assert b"from the consumer" not in inbox.payloads()
     assert b"gallery" not in consumer_inbox.payloads()  # galleries are for edges only
+    assert b"stored" not in consumer_inbox.payloads()  # confirmations too
 
 
 def _raw_client_with_will(site: Site, device: str, will_topic: str, will_payload: bytes) -> mqtt.Client:
@@ -358,7 +392,9 @@ def test_the_broker_forces_the_client_id_to_the_username_so_no_session_can_be_ta
     assert server.is_connected() and door1.is_connected()
     log = site.broker.log_text()
     assert re.search(r"as enrollment-server-ingest \(.*u'enrollment-server'\)", log)  # the certificate's CN
-    assert len(re.findall(r"as door-2 \(.*u'door-2'\)", log)) == 2
+    # both got door-2 (the two then take the id from each other, each reconnect one more line: at least two)
+    assert len(re.findall(r"as door-2 \(.*u'door-2'\)", log)) >= 2
+    assert not re.search(r"as (door-1|enrollment-server-ingest) \(.*u'door-2'\)", log)
 
 
 # --- the operator's certificate script ---------------------------------------------------------------------------
@@ -392,3 +428,26 @@ def test_certificates_from_make_certs_serve_the_shipped_config(tmp_path):
     finally:
         links.stop_all()
         broker.stop()
+
+
+def test_a_device_provisioned_before_1_1_gets_its_confirmations_once_provisioned_again(site):
+    """The read rule for confirmations is new in 1.1: an old block withholds them (Mosquitto still grants the
+    subscription); provisioning the device again (its password kept) and a HUP let them through."""
+    old_rules = tuple(r for r in device_acl("door-1", "hq").rules if "/device/" not in r)
+    password = site.passwords["door-1"]
+    assert site.auth.upsert(AclBlock("device", "door-1", "hq", old_rules), known_password=password).status == "kept"
+    site.broker.reload()
+    server = site.server()
+    door1 = site.connect("door-1")
+    confirmations = Inbox(door1, topics.events_stored("door-1"))
+    # routed before the PUBACK (see the module docstring): had it been delivered, it would be here by now
+    assert server.publish(topics.events_stored("door-1"), b"withheld", qos=1).wait(DELIVERY_S)
+    time.sleep(0.3)
+    assert confirmations.got == []
+
+    assert site.auth.upsert(device_acl("door-1", "hq"), known_password=password).status == "kept"
+    site.broker.reload()
+    door1 = site.connect("door-1", client_id="again")
+    confirmations = Inbox(door1, topics.events_stored("door-1"))
+    assert server.publish(topics.events_stored("door-1"), b"delivered", qos=1).wait(DELIVERY_S)
+    confirmations.wait_for(topics.events_stored("door-1"), b"delivered")

@@ -1,7 +1,8 @@
 """`enrollment-server provision-device` / `broker-user` / `revoke-broker-user` against the shipped broker config,
 and the path of a provisioned edge: its config loads with the edge agent's own loader, it connects with what the
-bundle holds, it applies the gallery the server publishes through the broker, and refuses one signed by another
-key even though it came through the broker from the server's own (authorised) connection.
+bundle holds, it applies the gallery the server publishes through the broker, its events reach the server's
+ingest and come back confirmed (the ACLs let each side through), and it refuses a gallery signed by another key
+even though it came through the broker from the server's own (authorised) connection.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 import yaml
 from conftest import FAST_RECONNECT, mosquitto_binary
 from deploy_broker import DeployBroker, Links, make_pki, new_auth_dir, server_config
+from outbox_child import make_event
 
 from enrollment_server import cli
 from enrollment_server import components as c
@@ -43,6 +45,8 @@ edge_agent_module = pytest.importorskip("edge_agent.agent", reason="the edge age
 agent_mqtt_config, check_files = edge_agent_module.mqtt_config, edge_agent_module.check_files
 gallery_index = pytest.importorskip("edge_agent.gallery.index")
 gallery_sync = pytest.importorskip("edge_agent.gallery.sync")
+Outbox = pytest.importorskip("edge_agent.delivery.outbox").Outbox
+EventPublisher = pytest.importorskip("edge_agent.delivery.event_publisher").EventPublisher
 
 SITE = "hq"
 DELIVERY_S = 10.0
@@ -198,10 +202,10 @@ def test_a_provisioned_device_gets_a_valid_config_connects_and_applies_the_serve
     d.broker.reload()
     edge_link = d.links.connect(edge_mqtt(cfg))
 
-    # the server side: its ingest (persistent session, client certificate) records the edge's acks
+    # the server side: its ingest (persistent session, client certificate) records the edge's acks and events
     store = Store.open(d.cfg.database.url)
     ingest_link = d.links.make(
-        ingest_config(d.cfg.mqtt.url, f"{d.cfg.mqtt.client_id}-ingest", **c.tls_options(d.cfg), **FAST_RECONNECT)
+        ingest_config(d.cfg.mqtt.url, c.client_id(d.cfg, "ingest"), **c.link_options(d.cfg), **FAST_RECONNECT)
     )
     ingest = Ingest(store, ingest_link)
     ingest.start()
@@ -225,9 +229,25 @@ def test_a_provisioned_device_gets_a_valid_config_connects_and_applies_the_serve
         while not [x for x in store.list_devices(SITE) if x.device_id == "door-1" and x.gallery_version == 1]:
             assert time.monotonic() < deadline, "the server did not record door-1's ack"
             time.sleep(0.05)
+        # an event: stored by the server, confirmed to the edge (its ACL lets it read its own confirmations)
+        box = Outbox.open(d.tmp / "edge-outbox.db")
+        publisher = EventPublisher(box, edge_link, cfg.device_id, delivery=cfg.delivery)
+        publisher.start()
+        try:
+            sent = box.put_new(lambda seq: make_event(cfg.device_id, seq))
+            publisher.notify()
+            deadline = time.monotonic() + DELIVERY_S
+            while box.depth():
+                assert time.monotonic() < deadline, f"no confirmation reached the edge: {publisher.stats()}"
+                time.sleep(0.05)
+            assert [e.event.event_id for e in store.events(device_id="door-1")] == [sent.event_id]
+            assert publisher.stats().confirmations_subscribed
+        finally:
+            publisher.stop(2.0)
+            box.close()
     finally:
-        ingest_link.stop()
         ingest.stop(10.0)
+        ingest_link.stop()
         store.close()
     capsys.readouterr()
     assert d.cli("devices", "--json") == 0

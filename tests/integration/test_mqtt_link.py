@@ -1,6 +1,7 @@
 """PahoMqttLink against a real Mosquitto (tests/integration/conftest.py): PUBACK waits, retained gallery
 publication assembled end to end, last will on an ungraceful death, subscriptions and publishes across a broker
-restart."""
+restart, manual acknowledgement (what stays unacknowledged comes again), the MQTT 5 receive maximum, shared
+subscriptions."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from waiting import wait_until
 from models.contract import topics
 from models.contract.assembler import GalleryAssembler
 from models.contract.gallery import Gallery, GalleryPerson, build_publication
-from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink, Will
+from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink, Will, shared_filter
 from models.contract.signing import Signer
 from models.contract.status import EdgeStatus
 from models.contract.timestamps import utc_now
@@ -66,6 +67,15 @@ def links() -> Iterator[list[PahoMqttLink]]:
 def start_link(made: list[PahoMqttLink], broker: Any, *, will: Will | None = None, **options):
     link = PahoMqttLink(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}), will=will)
     made.append(link)
+    link.start()
+    return link
+
+
+def subscribed_link(made: list[PahoMqttLink], broker: Any, inbox: Inbox, **options) -> PahoMqttLink:
+    """A link subscribed to every edge's events before it connects (what its session holds arrives at once)."""
+    link = PahoMqttLink(MqttConfig.from_url(broker.url, **{**FAST_RECONNECT, **options}))
+    made.append(link)
+    link.subscribe(topics.ALL_EDGE_EVENTS, 1, inbox)
     link.start()
     return link
 
@@ -295,6 +305,73 @@ def test_mqtt5_publish_and_subscribe(mosquitto, links):
     handle = pub.publish(topics.gallery_ack("door-1"), b"ack", qos=1)
     assert handle.wait(5.0) and handle.reason_code == 0
     assert inbox.get().payload == b"ack"
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_manual_ack_keeps_a_message_with_the_broker_until_it_is_acknowledged(mosquitto, links, protocol):
+    """`manual_ack`: unacknowledged messages stay in the session and come again after a reconnect; acknowledged
+    ones do not; an ack that belongs to an earlier connection is not sent on the new one."""
+    client_id = f"manual-{uuid.uuid4().hex[:8]}"
+    options = {"client_id": client_id, "clean_session": False, "manual_ack": True, "protocol": protocol}
+    inbox = Inbox()
+    first = subscribed_link(links, mosquitto, inbox, **options)
+    assert connected(first).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
+    pub = connected(start_link(links, mosquitto))
+    for i in range(6):
+        assert pub.publish(topics.edge_events("door-1"), f"m{i}".encode()).wait(5.0)
+    got = [inbox.get() for _ in range(6)]
+    for msg in got[:3]:
+        first.ack(msg)  # acknowledged: stored, say
+    assert wait_until(lambda: "Received PUBACK from " + client_id in mosquitto.log_text())
+    first.stop()  # the other three were never acknowledged
+    again_inbox = Inbox()
+    again = subscribed_link(links, mosquitto, again_inbox, **options)
+    redelivered = [again_inbox.get() for _ in range(3)]
+    assert sorted(m.payload for m in redelivered) == [b"m3", b"m4", b"m5"]
+    assert again_inbox.drain() == []
+    again.ack(got[3])  # from the first link's connection: not sent (the broker counts m3 as its own on this one)
+    for msg in redelivered:
+        again.ack(msg)
+    again.stop()
+    final = Inbox()
+    last = subscribed_link(links, mosquitto, final, **options)
+    assert connected(last).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
+    assert final.drain(0.5) == []  # everything acknowledged: nothing comes again
+
+
+def test_manual_ack_on_mqtt5_bounds_what_the_broker_has_out_by_the_receive_maximum(mosquitto, links):
+    inbox = Inbox()
+    sub = subscribed_link(links, mosquitto, inbox, manual_ack=True, protocol="5", receive_maximum=5)
+    assert connected(sub).wait_subscribed(topics.ALL_EDGE_EVENTS, 5.0)
+    pub = connected(start_link(links, mosquitto))
+    for i in range(12):
+        assert pub.publish(topics.edge_events("door-1"), f"m{i}".encode()).wait(5.0)
+    window = inbox.drain(0.5)
+    assert len(window) == 5  # no more until some are acknowledged
+    for msg in window:
+        sub.ack(msg)
+    got = len(window)
+    while more := inbox.drain(0.5):
+        got += len(more)
+        for msg in more:
+            sub.ack(msg)
+    assert got == 12
+
+
+def test_a_shared_subscription_hands_each_message_to_one_member(mosquitto, links):
+    shared = shared_filter("ingest", topics.ALL_EDGE_EVENTS)
+    inboxes = [Inbox(), Inbox()]
+    for inbox in inboxes:
+        member = connected(start_link(links, mosquitto, protocol="5"))
+        member.subscribe(shared, 1, inbox)
+        assert member.wait_subscribed(shared, 5.0)
+    pub = connected(start_link(links, mosquitto))
+    for i in range(10):
+        assert pub.publish(topics.edge_events(f"door-{i}"), f"m{i}".encode()).wait(5.0)
+    got = [inbox.drain() for inbox in inboxes]
+    assert sorted(m.payload for g in got for m in g) == sorted(f"m{i}".encode() for i in range(10))
+    assert all(got)  # both members take a share; the handler sees the real topic
+    assert all(m.topic.startswith(f"{topics.ROOT}/edge/door-") for g in got for m in g)
 
 
 def test_a_failing_handler_does_not_stop_the_link(mosquitto, links, caplog):

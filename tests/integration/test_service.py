@@ -188,3 +188,26 @@ def test_serve_refuses_to_start_without_a_token(tmp_path: Path, mosquitto: Mosqu
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "FACEATTEND_ADMIN_TOKEN" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_second_serve_on_one_sqlite_database_refuses_to_start_and_says_why(server: Server, mosquitto, tmp_path):
+    # the running server holds the database; a second one (another port, another client id) must not publish beside it
+    (tmp_path / "second").mkdir()
+    other = Server(tmp_path / "second", mosquitto)
+    config = json.loads(server.config.read_text())
+    config["api"]["port"] = other.port
+    config["mqtt"]["client_id"] = f"svc-{other.port}"
+    other.config.write_text(json.dumps(config))
+    env = {**os.environ, "FACEATTEND_ADMIN_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "enrollment_server.cli", "-c", str(other.config), "serve"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "one server per SQLite database" in r.stderr and "serve.lock" in r.stderr and "Traceback" not in r.stderr
+    assert server.health()["gallery_publisher"] == {"leader": True}  # the first one serves on
+
+    # several servers need PostgreSQL: a shared subscription group on SQLite is refused
+    config["mqtt"]["shared_group"] = "ingest"
+    config["database"]["url"] = str(tmp_path / "another.db")
+    other.config.write_text(json.dumps(config))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "mqtt.shared_group" in r.stderr and "PostgreSQL" in r.stderr, r.stderr[-2000:]

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from models.contract import limits, topics
 from models.contract.assembler import GalleryAssembler
 from models.contract.codec import SCHEMA_VERSION, canonical_json
-from models.contract.events import AttendanceEvent, new_event
+from models.contract.events import AttendanceEvent, EventsStored, new_event
 from models.contract.gallery import (
     HEADER_BYTES,
     Gallery,
@@ -56,12 +57,14 @@ def test_topic_builders_and_parse_round_trip():
     assert topics.edge_status("door-1") == "faceattend/v1/edge/door-1/status"
     assert topics.edge_events("door-1") == "faceattend/v1/edge/door-1/events"
     assert topics.gallery_ack("door-1") == "faceattend/v1/edge/door-1/gallery/ack"
+    assert topics.events_stored("door-1") == "faceattend/v1/device/door-1/stored"
     cases = {
         topics.gallery_manifest("hq"): topics.ParsedTopic(topics.TopicKind.GALLERY_MANIFEST, site="hq"),
         topics.gallery_blob("hq", 4095): topics.ParsedTopic(topics.TopicKind.GALLERY_BLOB, site="hq", index=4095),
         topics.edge_status("d.1"): topics.ParsedTopic(topics.TopicKind.EDGE_STATUS, device="d.1"),
         topics.edge_events("d_1"): topics.ParsedTopic(topics.TopicKind.EDGE_EVENTS, device="d_1"),
         topics.gallery_ack("D1"): topics.ParsedTopic(topics.TopicKind.GALLERY_ACK, device="D1"),
+        topics.events_stored("d-1"): topics.ParsedTopic(topics.TopicKind.EVENTS_STORED, device="d-1"),
     }
     for topic, parsed in cases.items():
         assert topics.parse_topic(topic) == parsed
@@ -79,6 +82,9 @@ def test_filters_cover_their_topics():
     assert mqtt.topic_matches_sub(site_filter, topics.gallery_manifest("hq"))
     assert mqtt.topic_matches_sub(site_filter, topics.gallery_blob("hq", 3))
     assert not mqtt.topic_matches_sub(site_filter, topics.gallery_manifest("hq2"))
+    assert mqtt.topic_matches_sub(topics.ALL_EVENTS_STORED, topics.events_stored("door-9"))
+    # what the server writes to edges is outside what a device writes (its ACL: faceattend/v1/edge/{device}/#)
+    assert not mqtt.topic_matches_sub(f"{topics.ROOT}/edge/door-9/#", topics.events_stored("door-9"))
 
 
 @pytest.mark.parametrize("bad", ["", "+", "#", "a/b", "a+", "-lead", ".x", "x" * 65, "é", "a b", None, 3])
@@ -114,6 +120,9 @@ def test_bad_chunk_index(i):
         "faceattend/v1/edge/door/other",
         "faceattend/v1/edge//status",
         "faceattend/v1/edge/door/gallery/ack/x",
+        "faceattend/v1/device/door/stored/x",
+        "faceattend/v1/device/door",
+        "faceattend/v1/device/+/stored",
         "other/v1/edge/door/status",
         "",
     ],
@@ -407,11 +416,42 @@ def test_ack_round_trip_and_rules():
         dataclasses.replace(ok, version=0)
 
 
+def stored(**over) -> EventsStored:
+    fields = dict(
+        device_id="door-1",
+        event_ids=("6a8f1c2e-0b9d-4e3f-a1b2-c3d4e5f60718", "0b5e7d3a-2f59-4a53-8f0e-7d1c2b3a4f50"),
+        ts="2026-01-02T03:04:07Z",
+    )
+    fields.update(over)
+    return EventsStored(**fields)
+
+
+def test_events_stored_round_trip_and_rules():
+    msg = stored(event_ids=("6A8F1C2E-0B9D-4E3F-A1B2-C3D4E5F60718",))
+    assert msg.event_ids == ("6a8f1c2e-0b9d-4e3f-a1b2-c3d4e5f60718",)  # one spelling, as the outbox stores it
+    assert EventsStored.from_json(msg.to_json()) == msg
+    with pytest.raises(PayloadError, match="'event_ids' must not be empty"):
+        stored(event_ids=())
+    with pytest.raises(PayloadError, match="not a UUID"):
+        stored(event_ids=("seq-7",))
+    with pytest.raises(PayloadError, match="twice"):
+        stored(event_ids=("6a8f1c2e-0b9d-4e3f-a1b2-c3d4e5f60718", "6A8F1C2E-0B9D-4E3F-A1B2-C3D4E5F60718"))
+    with pytest.raises(PayloadError, match="limit"):
+        stored(event_ids=tuple(str(uuid.UUID(int=i)) for i in range(limits.MAX_STORED_IDS + 1)))
+    with pytest.raises(PayloadError, match="'device_id'"):
+        stored(device_id="a/b")
+    # the most ids a confirmation may hold fit its size limit
+    largest = stored(event_ids=tuple(str(uuid.UUID(int=2**128 - 1 - i)) for i in range(limits.MAX_STORED_IDS)))
+    assert len(largest.to_json()) <= limits.MAX_STORED_BYTES
+
+
 def test_each_kind_checks_its_own_schema():
     with pytest.raises(PayloadError, match="'schema'"):
         EdgeStatus.from_json(event().to_json())
     with pytest.raises(PayloadError, match="'schema'"):
         GalleryAck.from_json(status().to_json())
+    with pytest.raises(PayloadError, match="'schema'"):
+        EventsStored.from_json(event().to_json())
 
 
 # ---------------------------------------------------------------- gallery blob
@@ -907,7 +947,10 @@ KINDS = {
     "edge_status_offline.json": EdgeStatus,
     "gallery_ack.json": GalleryAck,
     "gallery_manifest.json": GalleryManifest,
+    "events_stored.json": EventsStored,
 }
+# payload kinds added by a minor version: older folders do not have them
+INTRODUCED = {"events_stored.json": "1.1"}
 
 
 def golden_versions() -> list[Path]:
@@ -945,6 +988,7 @@ def golden_payloads() -> dict[str, bytes]:
         "edge_status.json": status().to_json(),
         "edge_status_offline.json": status(state="offline", gallery_version=None, health={}).to_json(),
         "gallery_ack.json": ack.to_json(),
+        "events_stored.json": stored().to_json(),
         "gallery_manifest.json": manifest.to_json(),
         "gallery_blob.bin": b"".join(chunks),
         "gallery_signing_key.pub": golden_signer().verifier.public_pem().encode(),
@@ -970,11 +1014,18 @@ def test_the_writers_version_has_its_frozen_goldens_and_reproduces_them():
 def test_every_older_golden_of_this_major_still_decodes(folder: Path):
     assert folder.name.split(".")[0] == SCHEMA_VERSION.split(".")[0]  # a new major gets a new topic root
     for name, cls in KINDS.items():
+        if _minor(folder.name) < _minor(INTRODUCED.get(name, "1.0")):
+            assert not (folder / name).exists(), name
+            continue
         decoded = cls.from_json((folder / name).read_bytes())
         # what every version carries still means the same
         assert json.loads((folder / name).read_bytes())["schema"] == cls.SCHEMA and decoded is not None, name
     event = AttendanceEvent.from_json((folder / "attendance_event.json").read_bytes())
     assert event.event_id and event.person_id and event.device_id
+
+
+def _minor(version: str) -> int:
+    return int(version.split(".")[1])
 
 
 @pytest.mark.parametrize("folder", golden_versions(), ids=lambda d: d.name)
@@ -1018,6 +1069,8 @@ def test_mqtt_config_from_url():
         ("mqtt://host", {"keepalive": 1}, "keepalive"),
         ("mqtt://host", {"reconnect_min_delay": 5, "reconnect_max_delay": 2}, "reconnect"),
         ("mqtt://host", {"no_such_option": 1}, "no_such_option"),
+        ("mqtt://host", {"receive_maximum": 100}, "MQTT 5"),
+        ("mqtt://host", {"receive_maximum": 0, "protocol": "5"}, "receive_maximum"),
     ],
 )
 def test_mqtt_config_errors(url, options, match):
@@ -1027,7 +1080,9 @@ def test_mqtt_config_errors(url, options, match):
         MqttConfig.from_url(url, **options)
 
 
-@pytest.mark.parametrize("bad", ["", "a/+b", "a/#/b", "a#", "+x"])
+@pytest.mark.parametrize(
+    "bad", ["", "a/+b", "a/#/b", "a#", "+x", "$share/g", "$share//a", "$share/+/a", "$share/g/a/#/b"]
+)
 def test_topic_filter_check(bad):
     from models.contract.mqtt_link import check_topic_filter
     from models.errors import MqttError
@@ -1039,5 +1094,16 @@ def test_topic_filter_check(bad):
 def test_topic_filter_check_accepts():
     from models.contract.mqtt_link import check_topic_filter
 
-    for good in (*topics.SERVER_FILTERS, topics.site_gallery_filter("hq"), "#", "+", "a/+/b/#"):
+    for good in (*topics.SERVER_FILTERS, topics.site_gallery_filter("hq"), "#", "+", "a/+/b/#", "$share/g/a/+/b"):
         assert check_topic_filter(good) == good
+
+
+def test_shared_filters_match_the_topics_of_their_filter():
+    import paho.mqtt.client as mqtt
+
+    from models.contract.mqtt_link import matched_filter, shared_filter
+
+    shared = shared_filter("ingest", topics.ALL_EDGE_EVENTS)
+    assert shared == f"$share/ingest/{topics.ALL_EDGE_EVENTS}"
+    assert matched_filter(shared) == topics.ALL_EDGE_EVENTS and matched_filter(topics.ALL_EDGE_EVENTS) == shared[14:]
+    assert mqtt.topic_matches_sub(matched_filter(shared), topics.edge_events("door-1"))

@@ -85,7 +85,8 @@ def test_the_shipped_acl_grants_the_server_exactly_its_contract_topics():
     rules = [ln.strip() for ln in parts if isinstance(ln, str) and ln.strip() and not ln.lstrip().startswith("#")]
     assert rules[0] == "user enrollment-server"  # nothing before the first user line (that would be anonymous)
     assert sorted(rules[1:]) == sorted(
-        [f"topic write {topics.ROOT}/site/+/gallery/#"] + [f"topic read {f}" for f in topics.SERVER_FILTERS]
+        [f"topic write {topics.ROOT}/site/+/gallery/#", f"topic write {topics.ALL_EVENTS_STORED}"]
+        + [f"topic read {f}" for f in topics.SERVER_FILTERS]
     )
     assert not any(isinstance(p, AclBlock) for p in parts)
     assert "pattern" not in " ".join(rules)
@@ -97,6 +98,7 @@ def test_device_and_consumer_blocks():
         "user door-1",
         "topic write faceattend/v1/edge/door-1/#",
         "topic read faceattend/v1/site/hq/gallery/#",
+        "topic read faceattend/v1/device/door-1/stored",
         "# END faceattend device door-1",
     ]
     consumer = consumer_acl("reports")

@@ -43,6 +43,7 @@ class ScriptedLink(MqttLink):
         return True
 
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None: ...
+    def ack(self, message: InboundMessage) -> None: ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         self.published.append((topic, payload))
