@@ -18,7 +18,8 @@ at start and on SIGHUP: the commands say so but do not signal it.
 
 Idempotent. Provisioning a device again with the same arguments rewrites the same files: its password is kept
 when the bundle from the last run still holds it (checked against the stored hash), a new one is issued only
-with `--rotate-password` (then the device needs the new bundle). Changing the site rewrites the device's ACL
+with `--rotate-password` (then the device needs the new bundle). A user with no stored hash (revoked, or new)
+always gets a new password, even when an old bundle still holds one: a revoked door must stay out. Changing the site rewrites the device's ACL
 block; a device moved to another site reads only the new site's gallery.
 
 This module must not import edge_agent (the two deployables never import each other): the edge config it writes
@@ -318,7 +319,9 @@ class BrokerAuth:
                     "remove it there first or choose another name"
                 )
             if stored is None:
-                password, status = known_password or new_password(), "created"
+                # never the bundle's old password: a user without a hash was revoked (or never existed), and a
+                # revoked device's copy of its bundle must not log in again once its replacement is provisioned
+                password, status = new_password(), "created"
             elif rotate:
                 password, status = new_password(), "rotated"
             elif known_password is not None and check_password(known_password, stored):
