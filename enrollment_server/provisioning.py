@@ -19,8 +19,8 @@ at start and on SIGHUP: the commands say so but do not signal it.
 Idempotent. Provisioning a device again with the same arguments rewrites the same files: its password is kept
 when the bundle from the last run still holds it (checked against the stored hash), a new one is issued only
 with `--rotate-password` (then the device needs the new bundle). A user with no stored hash (revoked, or new)
-always gets a new password, even when an old bundle still holds one: a revoked door must stay out. Changing the site rewrites the device's ACL
-block; a device moved to another site reads only the new site's gallery.
+always gets a new password, even when an old bundle still holds one: a revoked door must stay out. Changing the
+site rewrites the device's ACL block; a device moved to another site reads only the new site's gallery.
 
 This module must not import edge_agent (the two deployables never import each other): the edge config it writes
 is plain YAML, checked against `edge_agent.config.load_config` by tests/integration/test_deploy_provisioning.py.
