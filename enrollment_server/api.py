@@ -184,7 +184,9 @@ class FaceUploadForm(_Body):
     name: DisplayName | None = Field(default=None, description="creates the person when they do not exist yet")
     site: SiteId | None = Field(default=None, description="site of a new person; defaults to the server's site")
     allow_duplicate_identity: bool = Field(
-        default=False, description="enroll a new person even when their face matches someone already enrolled"
+        default=False,
+        description="skip the identity checks: enroll even when a face matches someone else already enrolled, or "
+        "(photos added to an existing person) does not look like that person",
     )
 
 

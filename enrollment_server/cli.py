@@ -243,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--person-id", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("photos", nargs="+")
-    p.add_argument("--allow-duplicate-identity", action="store_true", help="enroll even if the face matches someone")
+    p.add_argument(
+        "--allow-duplicate-identity",
+        action="store_true",
+        help="skip the identity checks: enroll even if the face matches someone else or, added to an existing "
+        "person, does not look like them",
+    )
     p = add("import", cmd_import, "enroll a folder with one sub-folder of photos per person", publishes=True)
     p.add_argument("folder")
     p.add_argument("--allow-duplicate-identity", action="store_true")
