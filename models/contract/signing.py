@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -126,15 +127,49 @@ class Signer:
             raise ConfigError(f"{path}: the PEM holds a {type(key).__name__}, not an Ed25519 private key")
         return cls(key)
 
+    @classmethod
+    def load_or_create(cls, path: Path | str) -> tuple[Signer, bool]:
+        """The key at `path`, generated there first when there is none; True when this call created it.
+
+        Atomic against a concurrent first start (two server processes on an empty key volume): the new key is
+        written whole to a temporary file and hard-linked to `path`, which fails when the name exists, so exactly
+        one process creates the key and every other one loads it, never a key of its own that another overwrites.
+        """
+        path = Path(path)
+        if path.is_file():
+            return cls.load(path), False
+        signer = cls.generate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(signer._pem())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, path)
+                    created = True
+                except FileExistsError:
+                    created = False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot create signing key {path}: {exc}") from exc
+        return (signer, True) if created else (cls.load(path), False)
+
+    def _pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
     def save(self, path: Path | str) -> None:
         """Write the key as PEM, mode 0600 from creation (mkstemp), atomically replacing any previous file."""
         path = Path(path)
-        pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         # atomic_write_bytes writes through mkstemp, which creates the file 0600; the chmod makes that explicit
         # in case the helper ever changes, and happens after the rename so no other mode is ever visible
-        atomic_write_bytes(path, pem)
+        atomic_write_bytes(path, self._pem())
         os.chmod(path, 0o600)
 
     def save_public(self, path: Path | str) -> None:
@@ -146,3 +181,12 @@ class Signer:
 
     def sign_b64(self, data: bytes) -> str:
         return base64.b64encode(self.sign(data)).decode("ascii")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # the new name must survive a power cut, or a restarted server would generate yet another key
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -175,3 +175,37 @@ def test_config_errors_and_unreachable_broker(cli: Cli):
     cli.write_config(f"mqtt://127.0.0.1:{free_port()}")
     code, _, err = cli("publish", "--timeout", "1")
     assert code == EXIT_BROKER and "not reachable" in err
+
+
+def _first_start(key: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    # a child process: what `enrollment-server init` / `serve` does with the key at its first start
+    from enrollment_server import components
+    from enrollment_server.config import config_from_dict
+
+    cfg = config_from_dict({"gallery": {"signing_key": key}})
+    barrier.wait()
+    results.put(components.signer_for(cfg, create=True).key_id)
+
+
+def test_two_first_starts_at_once_end_with_one_signing_key(tmp_path: Path) -> None:
+    """Two server processes starting on an empty key volume (compose's `init` racing `serve`, two replicas):
+    both must sign with the key that ends up on disk, or the edges refuse one of them forever."""
+    import multiprocessing
+
+    from models.contract.signing import Signer
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        key = tmp_path / f"try{attempt}" / "keys" / "gallery.pem"
+        barrier, results = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_first_start, args=(str(key), barrier, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        ids = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        on_disk = Signer.load(key).key_id
+        assert ids == [on_disk] * 3, f"attempt {attempt}: processes signed with {ids}, the file holds {on_disk}"
+        pub = key.with_suffix(".pub.pem").read_text()
+        assert Signer.load(key).verifier.public_pem() == pub
+        assert sorted(p.name for p in key.parent.iterdir()) == ["gallery.pem", "gallery.pub.pem"]  # no temp files
