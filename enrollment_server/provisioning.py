@@ -12,6 +12,9 @@ commands are the only writers of those files' managed parts:
   and statuses. Users named outside the blocks (the server's `enrollment-server`) are never touched, and no
   device or consumer can take their name.
 
+`provision-device` also records the device's site in the server's database (`Store.register_device`): the
+ingest files the device's events under that site only, whatever their payload says.
+
 Every change happens under an exclusive lock on `<auth dir>/.provision.lock`; each file is replaced atomically
 (readers see the old or the new file, never a torn one), keeping its mode and owner. The broker reads the files
 at start and on SIGHUP: the commands say so but do not signal it.
@@ -510,6 +513,7 @@ def provision_device(
     cred = BrokerAuth(auth_dir).upsert(
         device_acl(device, site), known_password=_read_known_password(bundle / BUNDLE_PASSWORD), rotate=rotate
     )
+    _register(cfg, device, site)
     bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(bundle, 0o700)
     _write_atomic(bundle / BUNDLE_PASSWORD, (cred.password + "\n").encode(), 0o600)
@@ -536,6 +540,14 @@ def provision_device(
     instructions = _instructions(device, site, (shown_out_dir or out_dir) / device, url, cred.status, key_id)
     _write_atomic(bundle / BUNDLE_INSTRUCTIONS, instructions.encode(), 0o644)
     return Provisioned(device, site, bundle, url, cred.status, key_id, instructions)
+
+
+def _register(cfg: ServerConfig, device: str, site: str) -> None:
+    """The device's site in the server's registry: the ingest accepts its events under this site only."""
+    from enrollment_server.components import open_store
+
+    with open_store(cfg) as store:
+        store.register_device(device, site)
 
 
 def _without_stamp(text: str) -> str:

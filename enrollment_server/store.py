@@ -887,12 +887,42 @@ class Store:
 
     # -- devices --------------------------------------------------------------------------------------------------
 
+    def register_device(self, device_id: str, site_id: str) -> None:
+        """Record the site a device is provisioned for (`provision-device`): the only site it may report under.
+        Moves a registered device; never changes its reported state."""
+        values = {"device_id": _ident(device_id, "device_id"), "site_id": _ident(site_id, "site_id")}
+        insert = self._insert(devices).values(**values, state="unknown")
+        with self._write() as conn:
+            conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[devices.c.device_id], set_={"site_id": insert.excluded.site_id}
+                )
+            )
+
+    def device_site(self, device_id: str) -> str | None:
+        """The site a device is registered at; None for a device never provisioned nor heard from."""
+        with self._read() as conn:
+            return conn.execute(select(devices.c.site_id).where(devices.c.device_id == device_id)).scalar_one_or_none()
+
+    def pin_device_site(self, device_id: str, site_id: str) -> str:
+        """The site `device_id` is registered at: its provisioned one, else the first site it reported, which this
+        call registers when the device is new (trust on first use)."""
+        values = {"device_id": _ident(device_id, "device_id"), "site_id": _ident(site_id, "site_id")}
+        with self._write() as conn:
+            conn.execute(
+                self._insert(devices)
+                .values(**values, state="unknown")
+                .on_conflict_do_nothing(index_elements=[devices.c.device_id])
+            )
+            return str(conn.execute(select(devices.c.site_id).where(devices.c.device_id == device_id)).scalar_one())
+
     def upsert_device_status(self, status: DeviceStatus, *, received: datetime | None = None) -> bool:
         """Store a device's status; returns False (nothing changed) when it is older than the stored one.
 
         Retained status messages are re-delivered on every reconnect and QoS 1 may reorder them, so only a status
         with a device timestamp at least as new as the stored one is applied; the comparison happens inside the
-        upsert, so two concurrent statuses cannot overwrite each other in the wrong order.
+        upsert, so two concurrent statuses cannot overwrite each other in the wrong order. A known device's site is
+        left as registered (register_device, pin_device_site): a status does not move it.
         """
         if status.state not in DEVICE_STATES:
             raise StoreValueError(f"device state {status.state!r} is not one of {DEVICE_STATES}")
@@ -908,7 +938,8 @@ class Store:
             "last_status_ts": _utc(status.status_ts, "status_ts"),
         }
         insert = self._insert(devices).values(**values)
-        update = {name: insert.excluded[name] for name in values if name != "device_id"}
+        # the site is the registry's (register_device / pin_device_site), not the status's to move
+        update = {name: insert.excluded[name] for name in values if name not in ("device_id", "site_id")}
         statement = insert.on_conflict_do_update(
             index_elements=[devices.c.device_id],
             set_=update,

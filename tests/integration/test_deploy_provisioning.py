@@ -303,8 +303,12 @@ def test_provisioning_again_keeps_everything_and_a_new_password_needs_rotate(dep
     d.links.connect(edge_mqtt(rotated))
 
     # moving the device to another site rewrites its ACL block: it now reads that site's gallery only
+    with Store.open(d.cfg.database.url) as store:
+        assert store.device_site("door-1") == SITE  # the registry the ingest checks each event's site against
     assert d.provision("door-1", site="annex") == 0
     assert BrokerAuth(auth).blocks() == [device_acl("door-1", "annex")]
+    with Store.open(d.cfg.database.url) as store:
+        assert store.device_site("door-1") == "annex"
     assert (d.bundles / "door-1" / "edge.yaml.bak").is_file()
     assert edge_config.load_config(d.bundles / "door-1" / "edge.yaml").site == "annex"
 
