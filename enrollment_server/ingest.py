@@ -500,6 +500,7 @@ class Ingest:
             gallery_version=status.gallery_version,
             fingerprint=status.fingerprint,
             health=status.to_object()["health"],  # plain nested dicts (the message holds read-only views)
+            gallery_epoch=status.gallery_epoch,
         )
 
         def write() -> bool:
@@ -519,9 +520,11 @@ class Ingest:
         known = next((d for d in self._store.list_devices(will.site_id) if d.device_id == will.device_id), None)
         if known is None:
             return will
+        keep_gallery = known.gallery_version is not None
         return dataclasses.replace(
             will,
-            gallery_version=known.gallery_version if known.gallery_version is not None else will.gallery_version,
+            gallery_version=known.gallery_version if keep_gallery else will.gallery_version,
+            gallery_epoch=known.gallery_epoch if keep_gallery else will.gallery_epoch,
             agent_version=known.agent_version or will.agent_version,
             health=known.health() if known.health_json is not None else will.health,
         )
@@ -530,7 +533,13 @@ class Ingest:
         received = datetime.fromtimestamp(item.received, timezone.utc)
         result = self._write(
             lambda: self._store.record_ack(
-                ack.device_id, ack.site, ack.version, ok=ack.status == "ok", error=ack.error, received=received
+                ack.device_id,
+                ack.site,
+                ack.version,
+                ok=ack.status == "ok",
+                error=ack.error,
+                received=received,
+                epoch=ack.epoch,
             ),
             "a gallery ack",
         )
