@@ -120,9 +120,34 @@ def test_devices_and_report(cli: Cli):
     store.close()
 
     code, out, _ = cli.json("devices", "--json")
-    assert code == EXIT_OK and [(d["device"], d["state"]) for d in out] == [("door-1", "online")]
+    assert code == EXIT_OK and [(d["device"], d["state"], d["sync"]) for d in out] == [
+        ("door-1", "online", "unpublished")
+    ]
     code, lines, _ = cli("devices")
     assert code == EXIT_OK and lines[0].startswith("device") and "door-1" in lines[1]
+
+    # the database restored from a backup at v1 while door-1 holds v3 of the same epoch, door-2 v9 of another
+    store = st.Store.open(str(cli.db))
+    store.record_gallery_version(
+        SITE,
+        store.next_gallery_version(SITE),
+        fingerprint="fp",
+        count=1,
+        people=1,
+        blob_sha256="0" * 64,
+        manifest={},
+        epoch=1000,
+    )
+    store.upsert_device_status(st.DeviceStatus("door-1", SITE, "online", now, gallery_version=3, gallery_epoch=1000))
+    store.upsert_device_status(st.DeviceStatus("door-2", SITE, "online", now, gallery_version=9, gallery_epoch=900))
+    store.close()
+    code, out, _ = cli.json("devices", "--json")
+    assert [(d["device"], d["gallery"], d["latest"], d["lag"], d["sync"]) for d in out] == [
+        ("door-1", 3, 1, -2, "ahead"),
+        ("door-2", 9, 1, None, "other_epoch"),
+    ]
+    code, lines, _ = cli("devices")
+    assert "-2  ahead" in lines[1] and "AHEAD" in lines[1] and "older epoch" in lines[2]
 
     code, lines, _ = cli("report", "--date", now.date().isoformat(), "--site", SITE)
     assert code == EXIT_OK and "obama" in lines[1] and len(lines) == 2
