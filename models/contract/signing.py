@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.cache import atomic_write_bytes
+from models.cache import atomic_write_bytes, fsync_dir
 from models.errors import ConfigError, SignatureError
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Signer:
                     created = False
             finally:
                 Path(tmp).unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)  # the new name must survive a power cut, or a restart makes another key
         except OSError as exc:
             raise ConfigError(f"cannot create signing key {path}: {exc}") from exc
         return (signer, True) if created else (cls.load(path), False)
@@ -181,12 +181,3 @@ class Signer:
 
     def sign_b64(self, data: bytes) -> str:
         return base64.b64encode(self.sign(data)).decode("ascii")
-
-
-def _fsync_dir(directory: Path) -> None:
-    # the new name must survive a power cut, or a restarted server would generate yet another key
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
