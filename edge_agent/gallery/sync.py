@@ -131,6 +131,7 @@ class GallerySync:
 
         # worker-thread state
         self._assembler: GalleryAssembler | None = None
+        self._in_service: Verified | None = None  # the publication this sync put in service
         self._last_error_ack: tuple[tuple[int, int], str] | None = None
         self._last_resync = 0.0
         self._fetching: tuple[int, int] | None = None  # the release whose chunks are subscribed to
@@ -151,9 +152,13 @@ class GallerySync:
             return
         if self._worker is not None:
             self._worker.join()
-        current = self._load_saved() if self._holder.current is None else None
+        self._ann = AnnBuilder(self._holder, self._store.directory, self._params)  # a stopped one is done for
+        if self._holder.current is None:
+            self._in_service = self._load_saved()
+        elif self._in_service is not None:
+            self._ann.use(self._holder.current, self._in_service.manifest.blob_sha256)
         self._assembler = GalleryAssembler(
-            self._verifier, self._fingerprint, self._site, current=current, pool_cap_bytes=self._pool_cap
+            self._verifier, self._fingerprint, self._site, current=self._in_service, pool_cap_bytes=self._pool_cap
         )
         self._stopping = threading.Event()
         self._worker = threading.Thread(
@@ -368,6 +373,7 @@ class GallerySync:
         self._save(publication)
         saved = time.perf_counter()
         old = self._holder.swap(index)
+        self._in_service = publication
         self._ann.use(index, publication.manifest.blob_sha256)
         with self._status_lock:
             self._last_applied_at = timestamps.utc_now()
