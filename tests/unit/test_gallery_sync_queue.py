@@ -119,23 +119,30 @@ def signer() -> Signer:
 SMALLEST_QUEUE = max(limits.MAX_CHUNK_SIZE, limits.MAX_MANIFEST_BYTES) + 256
 
 
-def test_chunks_a_full_queue_dropped_are_asked_for_again_until_the_gallery_completes(tmp_path, signer):
-    """The broker bursts a 13-chunk publication at an edge whose queue holds two chunks: most are dropped on the
-    way in, and the edge asks for exactly the missing ones again until the gallery is complete."""
-    link = ScriptedLink(pace_s=0.0)
-    applied: list[int] = []
-    sync = GallerySync(
+def small_queue_sync(
+    link: MqttLink, signer: Signer, store_dir, on_applied: Callable[[GalleryIndex], None], **options: float
+) -> GallerySync:
+    """An edge whose queue holds the largest message and little more."""
+    return GallerySync(
         link,
         SITE,
         DEVICE,
         signer.verifier,
         FP,
         IndexHolder(),
-        tmp_path,
-        lambda index: applied.append(index.version),
+        store_dir,
+        on_applied,
         queue_bytes=SMALLEST_QUEUE,
-        chunk_retry_s=0.2,
+        **options,
     )
+
+
+def test_chunks_a_full_queue_dropped_are_asked_for_again_until_the_gallery_completes(tmp_path, signer):
+    """The broker bursts a 13-chunk publication at an edge whose queue holds two chunks: most are dropped on the
+    way in, and the edge asks for exactly the missing ones again until the gallery is complete."""
+    link = ScriptedLink(pace_s=0.0)
+    applied: list[int] = []
+    sync = small_queue_sync(link, signer, tmp_path, lambda index: applied.append(index.version), chunk_retry_s=0.2)
     v1 = messages(gallery(1, 1900), signer, 400 * 1024)
     assert len(v1) == 14  # 13 chunks and the manifest
     link.retained = dict(v1)
@@ -167,18 +174,7 @@ def test_a_manifest_dropped_while_the_worker_was_busy_comes_back_through_a_resub
             entered.set()
             release.wait(10.0)
 
-    sync = GallerySync(
-        link,
-        SITE,
-        DEVICE,
-        signer.verifier,
-        FP,
-        IndexHolder(),
-        tmp_path,
-        on_applied,
-        queue_bytes=SMALLEST_QUEUE,
-        resync_interval_s=0.2,
-    )
+    sync = small_queue_sync(link, signer, tmp_path, on_applied, resync_interval_s=0.2)
     sync.start()
     try:
         v1 = messages(gallery(1, 3), signer, 1024)
