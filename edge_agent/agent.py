@@ -181,6 +181,7 @@ class EdgeAgent:
             health=self.health,
             gallery_version=self.gallery_version,
             config=cfg.status,
+            gallery_epoch=self.gallery_epoch,
         )
         self.sync = GallerySync(
             self.link,
@@ -361,6 +362,10 @@ class EdgeAgent:
     def gallery_version(self) -> int | None:
         index = self.holder.current
         return None if index is None else index.version
+
+    def gallery_epoch(self) -> int | None:
+        index = self.holder.current
+        return None if index is None else index.epoch
 
     def outbox_depth(self) -> int:
         return 0 if self.outbox is None else self.outbox.depth()

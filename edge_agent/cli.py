@@ -1,4 +1,4 @@
-"""`edge-agent`: check-config, run, build-engines, bench, make-video, demo.
+"""`edge-agent`: check-config, run, build-engines, bench, bench-gallery, make-video, demo.
 
 Exit codes: 0 success; 1 the demo / bench ran but its ground-truth check failed; 2 bad input (configuration,
 arguments, files); 3 a runtime failure (broker, camera, model, disk).
@@ -112,6 +112,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+def cmd_bench_gallery(args: argparse.Namespace) -> int:
+    from edge_agent.devtools.gallery_bench import describe, run, to_json
+
+    if any(n < 1 for n in args.templates) or args.queries < 20:
+        raise ConfigError("bench-gallery: --templates must be >= 1 and --queries >= 20")
+    rows = run(args.templates, broker=args.broker, graph=not args.no_graph, queries=args.queries)
+    print(json.dumps(to_json(rows)) if args.json else describe(rows), flush=True)
+    return EXIT_OK if all(r.within_targets for r in rows) else EXIT_CHECK_FAILED
+
+
 def cmd_make_video(args: argparse.Namespace) -> int:
     from edge_agent.devtools.demo import make_video, plan_people
     from edge_agent.devtools.videogen import load_people
@@ -179,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-only", action="store_true", help="throughput only: no agent, broker or events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-gallery", help="gallery publish -> in service, start-up and query latency for a few gallery sizes"
+    )
+    p.add_argument("--templates", type=int, nargs="+", default=[5_000, 50_000, 200_000])
+    p.add_argument("--broker", help="an mqtt:// URL of a running broker (default: an embedded one)")
+    p.add_argument("--no-graph", action="store_true", help="exact search only: no hnswlib build")
+    p.add_argument("--queries", type=int, default=500, help="probes per latency figure")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_gallery)
 
     p = sub.add_parser("make-video", help="render a door-camera test video from a folder of photos per person")
     p.add_argument("--people", required=True, help="one sub-folder of photos per person")

@@ -27,7 +27,7 @@ from edge_agent.recognition.recognizer import DEFAULT_RULE, RecognitionConfig
 from edge_agent.recognition.tracker import TrackerConfig
 from edge_agent.style.worker import StyleConfig
 from models.config import load_dataclass, load_yaml
-from models.contract import topics
+from models.contract import limits, topics
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError, FaceAttendError
 from models.face.pipeline import PipelineConfig
@@ -126,6 +126,14 @@ class EdgeConfig:
         if not self.cameras:
             raise ConfigError("cameras: at least one camera is required")
         names = [c.name for c in self.cameras]
+        for i, name in enumerate(names):
+            # every attendance event carries its camera's name: one the contract cannot carry would make the codec
+            # refuse every event of that camera at run time
+            if len(name) > limits.MAX_CAMERA_CHARS:
+                raise ConfigError(
+                    f"cameras[{i}].name: {name[:24]!r}... is {len(name)} characters; attendance events carry it, and "
+                    f"the wire contract allows at most {limits.MAX_CAMERA_CHARS}"
+                )
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"cameras: camera names must be unique, {duplicates[0]!r} is used more than once")

@@ -184,7 +184,9 @@ class FaceUploadForm(_Body):
     name: DisplayName | None = Field(default=None, description="creates the person when they do not exist yet")
     site: SiteId | None = Field(default=None, description="site of a new person; defaults to the server's site")
     allow_duplicate_identity: bool = Field(
-        default=False, description="enroll a new person even when their face matches someone already enrolled"
+        default=False,
+        description="skip the identity checks: enroll even when a face matches someone else already enrolled, or "
+        "(photos added to an existing person) does not look like that person",
     )
 
 
@@ -276,6 +278,7 @@ class EnrollOut(BaseModel):
 class SiteGalleryOut(BaseModel):
     site: str
     version: int | None  # None: no gallery recorded yet
+    epoch: int | None  # with version, the release edges order by
     count: int
     people: int
     fingerprint: str | None
@@ -289,8 +292,17 @@ class DeviceOut(BaseModel):
     state: str
     agent_version: str | None
     gallery_version: int | None  # the version the device acknowledged as applied
+    gallery_epoch: int | None  # its epoch (null from a device older than wire schema 1.1)
     latest_version: int | None
-    lag: int  # versions behind the site's latest
+    latest_epoch: int | None
+    lag: int | None = Field(
+        description="versions behind the site's latest; negative: ahead of it; null: versions of two epochs, "
+        "which do not subtract (see sync)"
+    )
+    sync: Literal["current", "behind", "ahead", "other_epoch", "unpublished"] = Field(
+        description="ahead: the device holds a newer release than this server recorded (a restored or replaced "
+        "database, or another server publishing the site); other_epoch: an older epoch this database never recorded"
+    )
     fingerprint: str | None
     last_seen: datetime | None
     last_status_ts: datetime | None
@@ -300,6 +312,7 @@ class DeviceOut(BaseModel):
 class SiteDevicesOut(BaseModel):
     site: str
     latest_version: int | None
+    latest_epoch: int | None
     devices: list[DeviceOut]
 
 
@@ -404,6 +417,7 @@ def _gallery_out(site: str, g: GalleryVersion | None, fingerprint: str) -> SiteG
         return SiteGalleryOut(
             site=site,
             version=None,
+            epoch=None,
             count=0,
             people=0,
             fingerprint=None,
@@ -414,6 +428,7 @@ def _gallery_out(site: str, g: GalleryVersion | None, fingerprint: str) -> SiteG
     return SiteGalleryOut(
         site=site,
         version=g.version,
+        epoch=g.epoch,
         count=g.count,
         people=g.people,
         fingerprint=g.fingerprint,
@@ -429,8 +444,11 @@ def _device_out(d: Device) -> DeviceOut:
         state=d.state,
         agent_version=d.agent_version,
         gallery_version=d.gallery_version,
+        gallery_epoch=d.gallery_epoch,
         latest_version=d.latest_site_version,
+        latest_epoch=d.latest_site_epoch,
         lag=d.lag,
+        sync=d.sync,  # type: ignore[arg-type]
         fingerprint=d.fingerprint,
         last_seen=d.last_seen,
         last_status_ts=d.last_status_ts,
@@ -643,6 +661,7 @@ class AdminService:
         return SiteDevicesOut(
             site=site,
             latest_version=latest.version if latest else None,
+            latest_epoch=latest.epoch if latest else None,
             devices=[_device_out(d) for d in self.store.list_devices(site)],
         )
 

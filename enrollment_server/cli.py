@@ -168,6 +168,14 @@ def cmd_publish(args: argparse.Namespace, cfg: ServerConfig) -> int:
     return _after_change(args, cfg, c.open_store(cfg), args.site or cfg.site)
 
 
+_SYNC_NOTES = {
+    "behind": "<- behind",
+    "ahead": "<- AHEAD of this server's newest gallery: a restored or replaced database, or another server "
+    "publishing this site (the next publication, in a new epoch, brings it in step)",
+    "other_epoch": "<- holds an older epoch this database never recorded (the next publication replaces it)",
+}
+
+
 def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
     devices = c.open_store(cfg).list_devices(args.site)
     rows = [
@@ -177,8 +185,11 @@ def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
             "state": d.state,
             "agent": d.agent_version,
             "gallery": d.gallery_version,
+            "epoch": d.gallery_epoch,
             "latest": d.latest_site_version,
-            "lag": d.lag,
+            "latest_epoch": d.latest_site_epoch,
+            "lag": d.lag,  # negative: ahead; null: versions of two epochs, not comparable (see sync)
+            "sync": d.sync,
             "last_seen": d.last_seen.isoformat() if d.last_seen else None,
         }
         for d in devices
@@ -187,11 +198,15 @@ def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
         for row in rows:
             print(json.dumps(row))
         return EXIT_OK
-    print(f"{'device':<24}{'site':<12}{'state':<10}{'gallery':>8}{'latest':>8}{'lag':>5}  last seen")
+    print(f"{'device':<24}{'site':<12}{'state':<10}{'gallery':>8}{'latest':>8}{'lag':>5}  {'sync':<12}last seen")
     for r in rows:
-        flag = "  <- behind" if r["lag"] else ""
         gallery, latest, seen = r["gallery"] or "-", r["latest"] or "-", r["last_seen"] or "-"
-        print(f"{r['device']:<24}{r['site']:<12}{r['state']:<10}{gallery:>8}{latest:>8}{r['lag']:>5}  {seen}{flag}")
+        lag = "-" if r["lag"] is None else r["lag"]
+        note = _SYNC_NOTES.get(r["sync"], "")
+        print(
+            f"{r['device']:<24}{r['site']:<12}{r['state']:<10}{gallery:>8}{latest:>8}{lag:>5}  {r['sync']:<12}{seen}"
+            + (f"  {note}" if note else "")
+        )
     return EXIT_OK
 
 
@@ -243,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--person-id", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("photos", nargs="+")
-    p.add_argument("--allow-duplicate-identity", action="store_true", help="enroll even if the face matches someone")
+    p.add_argument(
+        "--allow-duplicate-identity",
+        action="store_true",
+        help="skip the identity checks: enroll even if the face matches someone else or, added to an existing "
+        "person, does not look like them",
+    )
     p = add("import", cmd_import, "enroll a folder with one sub-folder of photos per person", publishes=True)
     p.add_argument("folder")
     p.add_argument("--allow-duplicate-identity", action="store_true")

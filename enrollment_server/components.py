@@ -53,14 +53,17 @@ def signer_for(cfg: ServerConfig, *, create: bool) -> Signer:
     from models.contract.signing import Signer
 
     path = cfg.gallery.signing_key
-    if path.is_file():
-        return Signer.load(path)
     if not create:
-        raise FaceAttendError(f"no signing key at {path}: run `enrollment-server init` first")
-    signer = Signer.generate()
-    signer.save(path)
-    signer.save_public(path.with_suffix(".pub.pem"))
-    log.warning("generated the gallery signing key %s (public key: %s)", path, path.with_suffix(".pub.pem"))
+        if not path.is_file():
+            raise FaceAttendError(f"no signing key at {path}: run `enrollment-server init` first")
+        return Signer.load(path)
+    signer, created = Signer.load_or_create(path)  # atomic: two first starts end with one key
+    public = path.with_suffix(".pub.pem")
+    if created or not public.is_file():
+        # every process writes the same bytes (the public half of the one key on disk), atomically
+        signer.save_public(public)
+    if created:
+        log.warning("generated the gallery signing key %s (public key: %s)", path, public)
     return signer
 
 

@@ -59,8 +59,12 @@ class GallerySection:
 @dataclass(frozen=True)
 class EnrollmentSection:
     keep_photos: bool = False
-    # a new person whose face is this close to someone already enrolled is flagged, not silently added
+    # a photo whose face is this close to someone else already enrolled is flagged, not silently added (new people
+    # and photos added to an existing person alike)
     duplicate_identity_distance: float = 0.5
+    # a photo added to a person with templates must be this close to one of them (dlib's own same-person threshold):
+    # farther, it is most likely someone else's photo uploaded under that name
+    same_person_distance: float = 0.6
     alignment: Literal["dlib5", "template"] = "dlib5"
     quality: QualityConfig = field(default_factory=QualityConfig)
 

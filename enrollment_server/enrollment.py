@@ -2,9 +2,16 @@
 
 Per photo: decode (ImageError -> unreadable), detect/align/encode, the photo gates (models of
 models.face.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
-person already has adds nothing. A *new* person whose face already matches someone enrolled at the site under the
-configured distance is flagged as a probable duplicate identity and not created, unless the admin insists.
-The identity check uses the same open-set decision rule as the edges (models.decision.rules).
+person already has adds nothing. Identity checks, skipped only when the admin insists (`allow_duplicate_identity`):
+
+- a *new* person whose face already matches someone enrolled at the site under `duplicate_identity_distance` is
+  flagged as a probable duplicate identity and not created;
+- a photo added to an *existing* person is refused on its own when it matches someone else enrolled (probable
+  duplicate identity), or when it is farther than `same_person_distance` from every template the person already
+  has (`not_this_person`): a mixed-up upload must not enrol another person, or a stranger nobody enrolled, under
+  that name. Their other photos still go in.
+
+The identity checks use the same open-set decision rule as the edges (models.decision.rules).
 """
 
 from __future__ import annotations
@@ -128,6 +135,8 @@ class Enroller:
                 )
                 continue
             candidates.append(candidate)
+        if candidates and existing and not allow_duplicate_identity:
+            candidates = self._belong_to_person(site, person_id, known, candidates, results)
         if candidates and not existing and not allow_duplicate_identity:
             match = self._matches_someone(site, person_id, np.stack([c.embedding for c in candidates]))
             if match is not None:
@@ -204,6 +213,47 @@ class Enroller:
             source, data, q.image_sha256(data), faces[0].embedding, verdict.figures
         )
 
+    def _belong_to_person(
+        self, site: str, person_id: str, known: np.ndarray, candidates: list[_Candidate], results: list[PhotoResult]
+    ) -> list[_Candidate]:
+        """The candidates that may join an existing person; a verdict in `results` for each one that may not."""
+        kept = []
+        others = self._others_matched(site, person_id, np.stack([c.embedding for c in candidates]))
+        for c, other in zip(candidates, others, strict=True):
+            if other is not None:
+                who, distance = other
+                results.append(
+                    PhotoResult(
+                        c.source,
+                        False,
+                        q.PROBABLE_DUPLICATE_IDENTITY,
+                        f"looks like {who!r}, enrolled under another id (distance {distance:.3f}), not {person_id!r}; "
+                        "add it with the duplicate-identity override if it really is this person",
+                        c.figures,
+                        matched_person=who,
+                        distance=distance,
+                    )
+                )
+                continue
+            if known.size:
+                own = float(np.linalg.norm(known - c.embedding, axis=1).min())
+                if own > self.config.same_person_distance:
+                    results.append(
+                        PhotoResult(
+                            c.source,
+                            False,
+                            q.NOT_THIS_PERSON,
+                            f"does not look like {person_id!r}: {own:.3f} from the nearest of their templates "
+                            f"(the limit is {self.config.same_person_distance}); add it with the duplicate-identity "
+                            "override if it really is this person",
+                            c.figures,
+                            distance=own,
+                        )
+                    )
+                    continue
+            kept.append(c)
+        return kept
+
     def _person_embeddings(self, person_id: str) -> np.ndarray:
         rows = [t.embedding for t in self.store.list_templates(person_id=person_id, fingerprint=self.fingerprint)]
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
@@ -216,14 +266,21 @@ class Enroller:
         return d if d < self.config.quality.duplicate_template_distance else None
 
     def _matches_someone(self, site: str, person_id: str, embeddings: np.ndarray) -> tuple[str, float] | None:
-        gallery = self.store.site_embeddings(site, self.fingerprint)
-        if len(gallery) == 0:
-            return None
-        decisions = self._identity_rule.decide(
-            Neighbours.from_embeddings(embeddings, gallery.embeddings, list(gallery.labels))
-        )
-        hits = [(d.person_id, d.distance) for d in decisions if d.accepted and d.person_id != person_id]
+        """The nearest other person any of `embeddings` is accepted as, if any."""
+        hits = [h for h in self._others_matched(site, person_id, embeddings) if h is not None]
         return min(hits, key=lambda h: h[1]) if hits else None
+
+    def _others_matched(self, site: str, person_id: str, embeddings: np.ndarray) -> list[tuple[str, float] | None]:
+        """Per embedding, the person other than `person_id` the identity rule accepts it as (with the distance)."""
+        gallery = self.store.site_embeddings(site, self.fingerprint)
+        others = [i for i, label in enumerate(gallery.labels) if label != person_id]
+        if not others:
+            return [None] * len(embeddings)
+        labels = [gallery.labels[i] for i in others]
+        decisions = self._identity_rule.decide(
+            Neighbours.from_embeddings(embeddings, gallery.embeddings[others], labels)
+        )
+        return [(d.person_id, d.distance) if d.accepted and d.person_id is not None else None for d in decisions]
 
 
 def person_folders(root: Path) -> list[tuple[str, list[Path]]]:

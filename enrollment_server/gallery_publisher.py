@@ -4,7 +4,7 @@ One publication (`GalleryPublisher.publish`):
 
 1. read every template of the site's active people under our encoder fingerprint (`Store.site_embeddings`);
 2. allocate the next version number (`Store.next_gallery_version`; a number is never reused, even when this
-   publication fails later);
+   publication fails later) and take the publisher's epoch (below);
 3. build the contract `Gallery`, encode, chunk and sign it (`models.contract.gallery.build_publication`);
 4. publish every chunk retained QoS 1 and wait for all their PUBACKs, THEN publish the manifest retained QoS 1 and
    wait for its PUBACK. Waiting for the chunks first means a retained manifest always has its chunks retained
@@ -20,15 +20,26 @@ PublishTimeoutError and records nothing. paho keeps what it had queued and may s
 reconnect: chunks without a manifest are ignored by edges (pooled, then dropped); a manifest acknowledged after
 the timeout makes that version live although unrecorded, and the next publication supersedes it.
 
+Epochs (wire schema 1.1, models.contract.gallery). Edges order publications by release (epoch, version). The
+version counter lives in the database, so a database restored from a backup, or moved to PostgreSQL, counts again
+from a number the edges have passed. The epoch is what keeps releases growing: a publisher takes a new one,
+`max(now in ms, the newest recorded epoch + 1)`, for its first publication of a site and whenever the newest
+recorded release of the site is not of its own epoch (another process published meanwhile), and keeps it while
+it continues its own count. A server process can prove nothing about the database it starts on (a restore looks
+like any restart), so every process starts a new epoch: its first publication of a site is a new version even
+when nobody changed, which edges holding the same blob take over without a download. Versions stay the
+operator's counter; epochs only order.
+
 An empty gallery (nobody enrolled, or everybody removed) is a valid gallery of count 0: publishing it is how the
 edges forget the last person.
 
 `republish_latest` is for server start and broker reconnects: retained messages live in the broker's memory and
-persistence file, so a broker crash between autosaves loses them. Choice: rebuild from the store's *current*
-data and compare with the latest recorded version. Unchanged (same blob sha256, fingerprint, dtype, signing
-key) -> re-send the recorded, already signed manifest and its chunks as they are: the same version, so edges
-that have it ignore the replay and nothing is re-applied anywhere. Changed (people added / removed while the
-server was down or the broker was gone, or another encoder / dtype / key configured) -> a normal new version.
+persistence file, so a broker crash between autosaves loses them. The first call of a process (or after another
+publisher recorded a version) publishes a new version under a new epoch (above). Later calls rebuild from the
+store's *current* data and compare with the latest recorded version. Unchanged (same blob sha256, fingerprint,
+dtype, signing key) -> re-send the recorded, already signed manifest and its chunks as they are: the same
+release, so edges that have it ignore the replay and nothing is re-applied anywhere. Changed (people added /
+removed while the broker was gone, or another encoder / dtype / key configured) -> a normal new version.
 Rebuilding "the store data at that version" is impossible: the store keeps the manifest of every version but not
 its embeddings (templates are deleted with their person, and photos are not kept), and a stale version would
 anyway be the wrong thing to restore. `republish_on_connect` runs this after every connect of the link, on a
@@ -52,9 +63,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enrollment_server.store import SiteEmbeddings, Store
+from enrollment_server.store import GalleryVersion, SiteEmbeddings, Store
 from models.contract import limits, topics
-from models.contract.gallery import DTYPES, Gallery, GalleryManifest, GalleryPerson, build_publication
+from models.contract.gallery import DTYPES, Gallery, GalleryManifest, GalleryPerson, build_publication, release_text
 from models.contract.mqtt_link import MqttLink, PublishHandle
 from models.contract.signing import Signer
 from models.errors import ConfigError, ContractError, FaceAttendError, MqttError, PublishTimeoutError
@@ -82,6 +93,11 @@ class PublishedGallery:
     publish_seconds: float  # from the first chunk sent to the manifest's PUBACK (plus clearing leftovers)
     republished: bool = False  # True: the recorded version re-sent unchanged by republish_latest
     cleared: int = 0  # leftover chunk topics of a previous, larger gallery cleared
+    epoch: int = 0  # with `version`, the release edges order by
+
+    @property
+    def release(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
 
 
 class GalleryPublisher:
@@ -122,6 +138,7 @@ class GalleryPublisher:
         # the most chunk topics this process has written per site, recorded or not: a publication that timed
         # out after its chunks went out is not in the store, but its chunks may be retained at the broker
         self._high_water: dict[str, int] = {}
+        self._epochs: dict[str, int] = {}  # the epoch this publisher counts its versions of a site under
 
     @property
     def fingerprint(self) -> str:
@@ -152,6 +169,15 @@ class GalleryPublisher:
             if latest is None:
                 log.info("site %s has no recorded gallery yet: publishing the first", site)
                 return self._publish_new(site, start)
+            if latest.epoch != self._epochs.get(site):
+                log.info(
+                    "site %s: recorded gallery v%d (epoch %d) is not of this publisher's epoch (a server start, a "
+                    "restored database, another publisher): publishing a new version under a new epoch",
+                    site,
+                    latest.version,
+                    latest.epoch,
+                )
+                return self._publish_new(site, start)
             try:
                 recorded = GalleryManifest.from_json(latest.manifest_json.encode("utf-8"))
             except ContractError as exc:
@@ -176,7 +202,7 @@ class GalleryPublisher:
                 )
                 return self._publish_new(site, start)
             data = self._store.site_embeddings(site, self._fingerprint)
-            gallery = self._gallery(site, recorded.version, data)
+            gallery = self._gallery(site, recorded.version, data, recorded.epoch)
             # build_publication with the recorded chunk size reproduces the recorded chunks exactly when the data
             # is unchanged; its fresh manifest (other `created`, other signature bytes) is only compared, never sent
             rebuilt, chunks = build_publication(gallery, self._signer, recorded.chunk_size)
@@ -204,6 +230,7 @@ class GalleryPublisher:
                 publish_seconds=done - built,
                 republished=True,
                 cleared=cleared,
+                epoch=recorded.epoch,
             )
 
     def republish_on_connect(self, sites: Sequence[str] | Callable[[], Sequence[str]]) -> None:
@@ -230,14 +257,14 @@ class GalleryPublisher:
         recorded_chunks = int(previous.manifest().get("chunk_count", 0)) if previous is not None else 0
         previous_chunks = self._previous_chunk_count(site, recorded_chunks)
         version = self._store.next_gallery_version(site)
-        gallery = self._gallery(site, version, data)
+        gallery = self._gallery(site, version, data, self._epoch_for(site, previous))
         manifest, chunks = build_publication(gallery, self._signer, self._chunk_size)
         manifest_bytes = manifest.to_json()
         built = time.perf_counter()
         log.info(
-            "site %s: publishing gallery v%d (%d embeddings of %d people, %d bytes in %d chunks; built in %.2f s)",
+            "site %s: publishing gallery %s (%d embeddings of %d people, %d bytes in %d chunks; built in %.2f s)",
             site,
-            version,
+            release_text(manifest.release),
             manifest.count,
             manifest.people,
             manifest.blob_size,
@@ -256,6 +283,7 @@ class GalleryPublisher:
             blob_sha256=manifest.blob_sha256,
             # the exact bytes that were signed and sent, so republish_latest can re-send them unchanged
             manifest=manifest_bytes.decode("utf-8"),
+            epoch=manifest.epoch,
         )
         done = time.perf_counter()
         log.info("site %s: gallery v%d published and recorded in %.2f s", site, version, done - start)
@@ -271,9 +299,26 @@ class GalleryPublisher:
             build_seconds=built - start,
             publish_seconds=sent - built,
             cleared=cleared,
+            epoch=manifest.epoch,
         )
 
-    def _gallery(self, site: str, version: int, data: SiteEmbeddings) -> Gallery:
+    def _epoch_for(self, site: str, latest: GalleryVersion | None) -> int:
+        """This publisher's epoch for the site: kept while the newest recorded release is its own, else a new one
+        above every recorded epoch (module docstring)."""
+        mine = self._epochs.get(site)
+        if mine is not None and latest is not None and latest.epoch == mine:
+            return mine
+        epoch = max(time.time_ns() // 1_000_000, latest.epoch + 1 if latest is not None else 0)
+        self._epochs[site] = epoch
+        log.info(
+            "site %s: gallery epoch %d begins (the newest recorded release: %s)",
+            site,
+            epoch,
+            release_text(latest.release) if latest is not None else "none",
+        )
+        return epoch
+
+    def _gallery(self, site: str, version: int, data: SiteEmbeddings, epoch: int) -> Gallery:
         """The contract gallery of the store's rows: the people table in row order (person_id, bytewise)."""
         index: dict[str, int] = {}
         people: list[GalleryPerson] = []
@@ -285,7 +330,9 @@ class GalleryPublisher:
                 people.append(GalleryPerson(person_id, data.names[person_id]))
             labels[row] = j
         embeddings = data.embeddings if len(data) else np.zeros((0, self._dim), dtype=np.float32)
-        return Gallery(site, version, self._fingerprint, METRIC, self._dtype, embeddings, labels, tuple(people))
+        return Gallery(
+            site, version, self._fingerprint, METRIC, self._dtype, embeddings, labels, tuple(people), epoch=epoch
+        )
 
     def _previous_chunk_count(self, site: str, recorded: int) -> int:
         return max(recorded, self._high_water.get(site, 0))

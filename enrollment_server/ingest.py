@@ -35,6 +35,10 @@ Validation, per message (any failure is a *rejection*: logged with topic and rea
 - `device_mismatch`: the payload's `device_id` differs from the device id in the topic. With per-device broker
   ACLs the topic is what the broker authenticated; a payload claiming another device is a misconfigured or
   hostile edge and must not be credited to that device;
+- `site_mismatch`: the payload's `site` differs from the site the device is registered at. The registry is the
+  source of truth, not the payload: `provision-device` records each device's site (`Store.register_device`), and
+  a device never provisioned through it is pinned to the site of its first message (`Store.pin_device_site`). A
+  device may thus file events, statuses and acks under its own site only; moving it is a re-provisioning;
 - `bad_topic`: the device level of the topic is not a valid id; `empty`: a zero-length payload (someone clearing
   a retained status);
 - `store_refused`: the database refuses the row itself (StoreDataError: a constraint, a value out of a column's
@@ -116,6 +120,10 @@ MAX_RETRY_DELAY_S = 5.0
 # rejections: every one is logged until a reason has this many, then one line per LOG_EVERY, so that a broken or
 # hostile edge cannot flood the log at its publish rate (the counters keep the exact figures)
 LOG_ALL_UP_TO = 100
+# a device's registered site is re-read after this long (a re-provisioning in another process moves it), and at once
+# before anything is refused for a mismatch
+SITE_CACHE_S = 60.0
+_SITE_CACHE_MAX = 10_000
 LOG_EVERY = 1000
 FULL_LOG_EVERY_S = 10.0
 
@@ -246,6 +254,7 @@ class Ingest:
         self._lag_max: float | None = None
         self._lag_sum = 0.0
         self._lag_n = 0
+        self._sites: dict[str, tuple[str, float]] = {}  # device -> (registered site, when read); worker thread only
 
     # ---- lifecycle ----
 
@@ -423,6 +432,7 @@ class Ingest:
         for item in items:
             try:
                 message, minor = self._decode(item)
+                self._check_site(message)
             except _Rejected as rejected:
                 self._reject(item, rejected.reason, str(rejected))
                 continue
@@ -466,6 +476,26 @@ class Ingest:
         if device != parsed.device:
             raise _Rejected("device_mismatch", f"payload device_id {device!r} published on device {parsed.device!r}")
         return message, check_version(obj["schema_version"], cls.SCHEMA)[1]
+
+    def _check_site(self, message: Message) -> None:
+        """Refuse (`site_mismatch`) a message whose site is not the one its device is registered at."""
+        device, claimed = message.device_id, message.site  # type: ignore[attr-defined]
+        now = time.monotonic()
+        cached = self._sites.get(device)
+        if cached is not None and cached[0] == claimed and now - cached[1] < SITE_CACHE_S:
+            return
+        registered = self._write(lambda: self._store.pin_device_site(device, claimed), "a device's site")
+        if isinstance(registered, _Refusal):
+            raise _Rejected("store_refused", str(registered.error))
+        if len(self._sites) >= _SITE_CACHE_MAX:
+            self._sites.clear()
+        self._sites[device] = (registered, now)
+        if registered != claimed:
+            raise _Rejected(
+                "site_mismatch",
+                f"device {device!r} is registered at site {registered!r}, the payload says {claimed!r} "
+                "(a device moves with `enrollment-server provision-device --site`)",
+            )
 
     # ---- writing ----
 
@@ -536,6 +566,7 @@ class Ingest:
             gallery_version=status.gallery_version,
             fingerprint=status.fingerprint,
             health=status.to_object()["health"],  # plain nested dicts (the message holds read-only views)
+            gallery_epoch=status.gallery_epoch,
         )
 
         def write() -> bool:
@@ -556,9 +587,11 @@ class Ingest:
         known = next((d for d in self._store.list_devices(will.site_id) if d.device_id == will.device_id), None)
         if known is None:
             return will
+        keep_gallery = known.gallery_version is not None
         return dataclasses.replace(
             will,
-            gallery_version=known.gallery_version if known.gallery_version is not None else will.gallery_version,
+            gallery_version=known.gallery_version if keep_gallery else will.gallery_version,
+            gallery_epoch=known.gallery_epoch if keep_gallery else will.gallery_epoch,
             agent_version=known.agent_version or will.agent_version,
             health=known.health() if known.health_json is not None else will.health,
         )
@@ -567,7 +600,13 @@ class Ingest:
         received = datetime.fromtimestamp(item.received, timezone.utc)
         result = self._write(
             lambda: self._store.record_ack(
-                ack.device_id, ack.site, ack.version, ok=ack.status == "ok", error=ack.error, received=received
+                ack.device_id,
+                ack.site,
+                ack.version,
+                ok=ack.status == "ok",
+                error=ack.error,
+                received=received,
+                epoch=ack.epoch,
             ),
             "a gallery ack",
         )

@@ -14,14 +14,18 @@ commands are the only writers of those files' managed parts:
   1.1 gets the confirmations' read rule). Users named outside the blocks (the server's `enrollment-server`) are
   never touched, and no device or consumer can take their name.
 
+`provision-device` also records the device's site in the server's database (`Store.register_device`): the
+ingest files the device's events under that site only, whatever their payload says.
+
 Every change happens under an exclusive lock on `<auth dir>/.provision.lock`; each file is replaced atomically
 (readers see the old or the new file, never a torn one), keeping its mode and owner. The broker reads the files
 at start and on SIGHUP: the commands say so but do not signal it.
 
 Idempotent. Provisioning a device again with the same arguments rewrites the same files: its password is kept
 when the bundle from the last run still holds it (checked against the stored hash), a new one is issued only
-with `--rotate-password` (then the device needs the new bundle). Changing the site rewrites the device's ACL
-block; a device moved to another site reads only the new site's gallery.
+with `--rotate-password` (then the device needs the new bundle). A user with no stored hash (revoked, or new)
+always gets a new password, even when an old bundle still holds one: a revoked door must stay out. Changing the
+site rewrites the device's ACL block; a device moved to another site reads only the new site's gallery.
 
 This module must not import edge_agent (the two deployables never import each other): the edge config it writes
 is plain YAML, checked against `edge_agent.config.load_config` by tests/integration/test_deploy_provisioning.py.
@@ -324,7 +328,9 @@ class BrokerAuth:
                     "remove it there first or choose another name"
                 )
             if stored is None:
-                password, status = known_password or new_password(), "created"
+                # never the bundle's old password: a user without a hash was revoked (or never existed), and a
+                # revoked device's copy of its bundle must not log in again once its replacement is provisioned
+                password, status = new_password(), "created"
             elif rotate:
                 password, status = new_password(), "rotated"
             elif known_password is not None and check_password(known_password, stored):
@@ -513,6 +519,7 @@ def provision_device(
     cred = BrokerAuth(auth_dir).upsert(
         device_acl(device, site), known_password=_read_known_password(bundle / BUNDLE_PASSWORD), rotate=rotate
     )
+    _register(cfg, device, site)
     bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(bundle, 0o700)
     _write_atomic(bundle / BUNDLE_PASSWORD, (cred.password + "\n").encode(), 0o600)
@@ -539,6 +546,14 @@ def provision_device(
     instructions = _instructions(device, site, (shown_out_dir or out_dir) / device, url, cred.status, key_id)
     _write_atomic(bundle / BUNDLE_INSTRUCTIONS, instructions.encode(), 0o644)
     return Provisioned(device, site, bundle, url, cred.status, key_id, instructions)
+
+
+def _register(cfg: ServerConfig, device: str, site: str) -> None:
+    """The device's site in the server's registry: the ingest accepts its events under this site only."""
+    from enrollment_server.components import open_store
+
+    with open_store(cfg) as store:
+        store.register_device(device, site)
 
 
 def _without_stamp(text: str) -> str:

@@ -156,6 +156,8 @@ gallery_versions = Table(
     Column("blob_sha256", String(64), nullable=False),
     Column("manifest", Text, nullable=False),  # the published manifest, JSON
     Column("created", UTCDateTime, nullable=False),
+    # schema 2: the manifest's epoch (ms since 1970, models.contract.gallery); 0 for versions published before it
+    Column("epoch", BigInteger, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("site_id", "version"),
 )
 
@@ -173,6 +175,7 @@ devices = Table(
     Column("health", Text),  # JSON
     Column("last_seen", UTCDateTime),  # when the server received the status
     Column("last_status_ts", UTCDateTime),  # the device's own timestamp of that status (orders retained messages)
+    Column("gallery_epoch", BigInteger),  # schema 2: the epoch of gallery_version; NULL from a 1.0 edge
     CheckConstraint("state IN ('online', 'stopped', 'offline', 'unknown')", name="state"),
     Index(None, "site_id"),
 )
@@ -187,6 +190,7 @@ gallery_acks = Table(
     Column("status", String(8), nullable=False),
     Column("error", Text),
     Column("received", UTCDateTime, nullable=False),
+    Column("epoch", BigInteger),  # schema 2: the epoch of `version`; NULL from a 1.0 edge
     CheckConstraint("status IN ('ok', 'error')", name="status"),
     Index(None, "device_id", "received"),
     Index(None, "site_id", "version"),
@@ -232,10 +236,38 @@ def _initial_schema(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
+def _add_missing_columns(*columns: Column[Any]) -> Callable[[Connection], None]:
+    """A migration adding table columns that do not exist yet. `_initial_schema` creates the tables as defined above,
+    i.e. with every column: on a fresh database this finds them all and does nothing, on an older one it adds them."""
+
+    def apply(conn: Connection) -> None:
+        inspector = inspect(conn)
+        for column in columns:
+            table = column.table.name
+            if column.name in {c["name"] for c in inspector.get_columns(table)}:
+                continue
+            ddl = f"ALTER TABLE {table} ADD COLUMN {column.name} {column.type.compile(conn.dialect)}"
+            if column.server_default is not None:
+                ddl += f" DEFAULT {column.server_default.arg.text}"  # type: ignore[attr-defined]
+            if not column.nullable:
+                ddl += " NOT NULL"
+            conn.execute(text(ddl))
+
+    return apply
+
+
 # Ordered, append-only. A new migration alters the tables above AND gets an entry here that performs the same change
-# on an existing database (ALTER TABLE ...). A fresh database is built by running every migration in order, so
-# when a later migration changes a table, `_initial_schema` must first be frozen to the version-1 table definitions.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _initial_schema),)
+# on an existing database (ALTER TABLE ...). A fresh database is built by running every migration in order; since
+# `_initial_schema` creates the tables as defined above, a later migration must be a no-op where its change is
+# already there (`_add_missing_columns`), or `_initial_schema` must first be frozen to the version-1 definitions.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _initial_schema),
+    Migration(
+        2,
+        "gallery epochs: gallery_versions.epoch, devices.gallery_epoch, gallery_acks.epoch",
+        _add_missing_columns(gallery_versions.c.epoch, devices.c.gallery_epoch, gallery_acks.c.epoch),
+    ),
+)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 # Any constant works: it only has to be the same for every process of this program on one database.

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Engine, bindparam, create_engine, event, func, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, bindparam, create_engine, event, func, or_, select
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
@@ -94,6 +94,30 @@ def _ident(value: str, what: str) -> str:
     if len(value) > schema.ID_LENGTH:
         raise StoreValueError(f"{what} is longer than {schema.ID_LENGTH} characters: {value[:40]!r}...")
     return value
+
+
+def _epoch(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise StoreValueError(f"gallery epoch must be an integer in [0, 2**63), got {value!r}")
+    return value
+
+
+def _lag(
+    version: int | None, epoch: int | None, recorded: bool, newest: GalleryVersion | None
+) -> tuple[int | None, str]:
+    """(lag, sync) of a device holding (epoch, version) against its site's newest recorded release."""
+    if newest is None:
+        return None, "unpublished"
+    if version is None:
+        return newest.version, "behind"  # no gallery at all: every version is still to come
+    if epoch is not None and epoch != newest.epoch and not recorded:
+        # a release this database never recorded: an older epoch (a database restored past it, or moved), or a
+        # newer one (a restored or replaced database, another server): versions of two epochs do not subtract
+        return None, "ahead" if epoch > newest.epoch else "other_epoch"
+    # the same epoch, a recorded release of an earlier one (the version count runs on across epochs in one
+    # database), or a 1.0 edge that does not say its epoch
+    lag = newest.version - version
+    return lag, "current" if lag == 0 else "behind" if lag > 0 else "ahead"
 
 
 def _optional_ident(value: str | None, what: str) -> str | None:
@@ -184,6 +208,11 @@ class GalleryVersion:
     blob_sha256: str
     manifest_json: str
     created: datetime
+    epoch: int = 0  # with `version`, the release the edges order by (models.contract.gallery); 0 before schema 2
+
+    @property
+    def release(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
 
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_json)
@@ -201,6 +230,18 @@ class DeviceStatus:
     gallery_version: int | None = None
     fingerprint: str | None = None
     health: Mapping[str, Any] | None = None
+    gallery_epoch: int | None = None  # the epoch of gallery_version (None from a 1.0 edge)
+
+
+# Device.sync: where a device's gallery stands against its site's newest recorded release
+SYNC_STATES = (
+    "current",  # the newest release
+    "behind",  # an older release of this database: `lag` versions behind (a device with no gallery counts v0)
+    "ahead",  # a newer release than this database recorded (negative `lag` within an epoch): a restored or
+    # replaced database, or a second server publishing the site
+    "other_epoch",  # an older epoch this database never recorded: no version count applies (`lag` None)
+    "unpublished",  # the site has no recorded gallery
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +256,12 @@ class Device:
     last_seen: datetime | None
     last_status_ts: datetime | None
     latest_site_version: int | None  # the newest recorded gallery version of the device's site
-    lag: int  # latest_site_version - applied version (a device that applied none counts as version 0)
+    # latest_site_version - applied version, negative when the device is ahead; None where versions of different
+    # epochs cannot be counted (see `sync`)
+    lag: int | None
+    gallery_epoch: int | None = None
+    latest_site_epoch: int | None = None
+    sync: str = "unpublished"  # one of SYNC_STATES
 
     def health(self) -> dict[str, Any] | None:
         return None if self.health_json is None else json.loads(self.health_json)
@@ -230,6 +276,7 @@ class GalleryAck:
     status: str
     error: str | None
     received: datetime
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +374,7 @@ def _gallery_version(row: Any) -> GalleryVersion:
         blob_sha256=row.blob_sha256,
         manifest_json=row.manifest,
         created=row.created,
+        epoch=int(row.epoch),
     )
 
 
@@ -339,6 +387,7 @@ def _ack(row: Any) -> GalleryAck:
         status=row.status,
         error=row.error,
         received=row.received,
+        epoch=None if row.epoch is None else int(row.epoch),
     )
 
 
@@ -847,6 +896,7 @@ class Store:
         people: int,
         blob_sha256: str,
         manifest: Mapping[str, Any] | str,
+        epoch: int = 0,
     ) -> GalleryVersion:
         """Record a built gallery. The version must have come from next_gallery_version and not be recorded yet."""
         manifest_json = manifest if isinstance(manifest, str) else json.dumps(manifest, sort_keys=True)
@@ -876,6 +926,7 @@ class Store:
                     blob_sha256=digest,
                     manifest=manifest_json,
                     created=_now(),
+                    epoch=_epoch(epoch),
                 )
                 .on_conflict_do_nothing(index_elements=[gallery_versions.c.site_id, gallery_versions.c.version])
                 .returning(gallery_versions)
@@ -889,11 +940,11 @@ class Store:
         return versions[0] if versions else None
 
     def list_gallery_versions(self, site_id: str, *, limit: int | None = None) -> list[GalleryVersion]:
-        """Recorded versions of a site, newest first."""
+        """Recorded versions of a site, newest release (epoch, version) first."""
         query = (
             select(gallery_versions)
             .where(gallery_versions.c.site_id == site_id)
-            .order_by(gallery_versions.c.version.desc())
+            .order_by(gallery_versions.c.epoch.desc(), gallery_versions.c.version.desc())
             .limit(limit)
         )
         with self._read() as conn:
@@ -902,12 +953,42 @@ class Store:
 
     # -- devices --------------------------------------------------------------------------------------------------
 
+    def register_device(self, device_id: str, site_id: str) -> None:
+        """Record the site a device is provisioned for (`provision-device`): the only site it may report under.
+        Moves a registered device; never changes its reported state."""
+        values = {"device_id": _ident(device_id, "device_id"), "site_id": _ident(site_id, "site_id")}
+        insert = self._insert(devices).values(**values, state="unknown")
+        with self._write() as conn:
+            conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[devices.c.device_id], set_={"site_id": insert.excluded.site_id}
+                )
+            )
+
+    def device_site(self, device_id: str) -> str | None:
+        """The site a device is registered at; None for a device never provisioned nor heard from."""
+        with self._read() as conn:
+            return conn.execute(select(devices.c.site_id).where(devices.c.device_id == device_id)).scalar_one_or_none()
+
+    def pin_device_site(self, device_id: str, site_id: str) -> str:
+        """The site `device_id` is registered at: its provisioned one, else the first site it reported, which this
+        call registers when the device is new (trust on first use)."""
+        values = {"device_id": _ident(device_id, "device_id"), "site_id": _ident(site_id, "site_id")}
+        with self._write() as conn:
+            conn.execute(
+                self._insert(devices)
+                .values(**values, state="unknown")
+                .on_conflict_do_nothing(index_elements=[devices.c.device_id])
+            )
+            return str(conn.execute(select(devices.c.site_id).where(devices.c.device_id == device_id)).scalar_one())
+
     def upsert_device_status(self, status: DeviceStatus, *, received: datetime | None = None) -> bool:
         """Store a device's status; returns False (nothing changed) when it is older than the stored one.
 
         Retained status messages are re-delivered on every reconnect and QoS 1 may reorder them, so only a status
         with a device timestamp at least as new as the stored one is applied; the comparison happens inside the
-        upsert, so two concurrent statuses cannot overwrite each other in the wrong order.
+        upsert, so two concurrent statuses cannot overwrite each other in the wrong order. A known device's site is
+        left as registered (register_device, pin_device_site): a status does not move it.
         """
         if status.state not in DEVICE_STATES:
             raise StoreValueError(f"device state {status.state!r} is not one of {DEVICE_STATES}")
@@ -917,13 +998,15 @@ class Store:
             "state": status.state,
             "agent_version": _optional_ident(status.agent_version, "agent_version"),
             "gallery_version": status.gallery_version,
+            "gallery_epoch": None if status.gallery_epoch is None else _epoch(status.gallery_epoch),
             "fingerprint": _optional_ident(status.fingerprint, "fingerprint"),
             "health": None if status.health is None else json.dumps(dict(status.health), sort_keys=True),
             "last_seen": _utc(received, "received") if received is not None else _now(),
             "last_status_ts": _utc(status.status_ts, "status_ts"),
         }
         insert = self._insert(devices).values(**values)
-        update = {name: insert.excluded[name] for name in values if name != "device_id"}
+        # the site is the registry's (register_device / pin_device_site), not the status's to move
+        update = {name: insert.excluded[name] for name in values if name not in ("device_id", "site_id")}
         statement = insert.on_conflict_do_update(
             index_elements=[devices.c.device_id],
             set_=update,
@@ -949,11 +1032,13 @@ class Store:
         ok: bool,
         error: str | None = None,
         received: datetime | None = None,
+        epoch: int | None = None,
     ) -> GalleryAck:
-        """Store a device's gallery acknowledgement; an ok ack also raises the device's applied version.
+        """Store a device's gallery acknowledgement; an ok ack also raises the device's applied release.
 
-        The applied version only moves forward (a redelivered old ack must not roll it back); a device the server
-        has not heard a status from yet is registered in state "unknown".
+        The applied release (epoch, version; a 1.0 edge's missing epoch counts as 0) only moves forward (a
+        redelivered old ack must not roll it back); a device the server has not heard a status from yet is
+        registered in state "unknown".
         """
         _ident(device_id, "device_id")
         _ident(site_id, "site_id")
@@ -963,26 +1048,42 @@ class Store:
             row = conn.execute(
                 gallery_acks.insert()
                 .values(
-                    device_id=device_id, site_id=site_id, version=version, status=status, error=error, received=when
+                    device_id=device_id,
+                    site_id=site_id,
+                    version=version,
+                    status=status,
+                    error=error,
+                    received=when,
+                    epoch=None if epoch is None else _epoch(epoch),
                 )
                 .returning(gallery_acks)
             ).one()
             if ok:
                 insert = self._insert(devices).values(
-                    device_id=device_id, site_id=site_id, state="unknown", gallery_version=version
+                    device_id=device_id, site_id=site_id, state="unknown", gallery_version=version, gallery_epoch=epoch
                 )
+                stored_epoch = func.coalesce(devices.c.gallery_epoch, 0)
+                new_epoch = func.coalesce(insert.excluded.gallery_epoch, 0)
                 conn.execute(
                     insert.on_conflict_do_update(
                         index_elements=[devices.c.device_id],
-                        set_={"gallery_version": insert.excluded.gallery_version},
+                        set_={
+                            "gallery_version": insert.excluded.gallery_version,
+                            "gallery_epoch": insert.excluded.gallery_epoch,
+                        },
                         where=or_(
                             devices.c.gallery_version.is_(None),
-                            devices.c.gallery_version < insert.excluded.gallery_version,
+                            stored_epoch < new_epoch,
+                            and_(
+                                stored_epoch == new_epoch, devices.c.gallery_version < insert.excluded.gallery_version
+                            ),
                         ),
                     )
                 )
         if not ok:
-            log.warning("device %s failed to apply gallery %s v%d: %s", device_id, site_id, version, error)
+            log.warning(
+                "device %s refused or failed gallery %s v%d (epoch %s): %s", device_id, site_id, version, epoch, error
+            )
         return _ack(row)
 
     def list_acks(self, *, device_id: str | None = None, site_id: str | None = None) -> list[GalleryAck]:
@@ -997,33 +1098,46 @@ class Store:
         return [_ack(row) for row in rows]
 
     def list_devices(self, site_id: str | None = None) -> list[Device]:
-        """Devices (of one site, or all) with how many gallery versions each is behind its site's latest."""
-        latest = (
-            select(gallery_versions.c.site_id, func.max(gallery_versions.c.version).label("latest"))
-            .group_by(gallery_versions.c.site_id)
-            .subquery()
+        """Devices (of one site, or all) with where their gallery stands against their site's newest release."""
+        recorded = (
+            select(gallery_versions.c.version)
+            .where(
+                gallery_versions.c.site_id == devices.c.site_id,
+                gallery_versions.c.version == devices.c.gallery_version,
+                gallery_versions.c.epoch == devices.c.gallery_epoch,
+            )
+            .exists()
+            .label("recorded")
         )
-        query = select(devices, latest.c.latest).outerjoin(latest, latest.c.site_id == devices.c.site_id)
+        query = select(devices, recorded)
         if site_id is not None:
             query = query.where(devices.c.site_id == site_id)
         with self._read() as conn:
             rows = conn.execute(query.order_by(self._bytewise(devices.c.device_id))).all()
-        return [
-            Device(
-                device_id=row.device_id,
-                site_id=row.site_id,
-                state=row.state,
-                agent_version=row.agent_version,
-                gallery_version=row.gallery_version,
-                fingerprint=row.fingerprint,
-                health_json=row.health,
-                last_seen=row.last_seen,
-                last_status_ts=row.last_status_ts,
-                latest_site_version=row.latest,
-                lag=max(0, (row.latest or 0) - (row.gallery_version or 0)),
+        latest = {site: self.latest_gallery_version(site) for site in {row.site_id for row in rows}}
+        out = []
+        for row in rows:
+            newest = latest[row.site_id]
+            lag, sync = _lag(row.gallery_version, row.gallery_epoch, bool(row.recorded), newest)
+            out.append(
+                Device(
+                    device_id=row.device_id,
+                    site_id=row.site_id,
+                    state=row.state,
+                    agent_version=row.agent_version,
+                    gallery_version=row.gallery_version,
+                    fingerprint=row.fingerprint,
+                    health_json=row.health,
+                    last_seen=row.last_seen,
+                    last_status_ts=row.last_status_ts,
+                    latest_site_version=newest.version if newest is not None else None,
+                    lag=lag,
+                    gallery_epoch=None if row.gallery_epoch is None else int(row.gallery_epoch),
+                    latest_site_epoch=newest.epoch if newest is not None else None,
+                    sync=sync,
+                )
             )
-            for row in rows
-        ]
+        return out
 
     # -- attendance -----------------------------------------------------------------------------------------------
 

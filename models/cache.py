@@ -1,4 +1,4 @@
-"""Where generated artefacts (converted ONNX graphs, TensorRT engines) live, and how they are written."""
+"""Where generated artefacts (converted ONNX graphs, TensorRT engines) live, and how files are written durably."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable: without it a power cut can bring the old name back."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -129,6 +129,11 @@ class FingerprintMismatchError(ContractError):
     """A gallery was built under another encoder fingerprint: its embeddings are not comparable with ours."""
 
 
+class StaleGalleryError(ContractError):
+    """A genuinely signed gallery manifest that is not newer than the gallery in service (an older epoch, or an
+    older version of the same epoch): a replay, or a server publishing without a new epoch after a restore."""
+
+
 class MqttError(FaceAttendError):
     """The MQTT link was misconfigured or misused (bad URL, bad topic, publish after stop)."""
 

@@ -1,16 +1,23 @@
 """The matcher's index over a verified gallery, the holder that swaps it atomically, and the last good gallery on disk.
 
-Search is two-stage. Stage 1 picks candidate templates: below `IndexParams.exact_max_templates` a BLAS brute
-force (|g|² - 2 q·g in float32, exact but for float32 rounding of near-ties), above it hnswlib (approximate).
-Stage 2 re-ranks the candidates exactly, as differences in float64 on the gallery's own vectors (the same
-Euclidean distance `models.decision.rules.pairwise_distances` computes, not hnswlib's squared one), collapses templates
-to identities (each identity's nearest template) and keeps the k nearest identities. Asking for
-k x (most templates of one person) x 2 candidates guarantees the exact top-k identities whenever stage 1 is exact.
+Search is two-stage. Stage 1 picks candidate templates: a BLAS brute force (|g|² - 2 q·g in float32, exact but
+for float32 rounding of near-ties) or, once it exists, a `CandidateStage` (edge_agent.gallery.ann: hnswlib,
+approximate). Stage 2 re-ranks the candidates exactly, as differences in float64 on the gallery's own vectors
+(the same Euclidean distance `models.decision.rules.pairwise_distances` computes, not hnswlib's squared one),
+collapses templates to identities (each identity's nearest template) and keeps the k nearest identities. Asking
+for k x (most templates of one person) x 2 candidates guarantees the exact top-k identities whenever stage 1 is
+exact. Whatever stage 1 is, the reported distances are exact distances to the gallery's templates.
+
+An index is in service the moment it exists: `GalleryIndex.build` only takes the vectors (and their squared
+norms, milliseconds at 50k templates), so a new gallery serves at once with exact search. Above
+`IndexParams.exact_max_templates` the hnswlib stage is built (or loaded from disk) off the inference path and an
+index with it replaces the exact one (`with_stage`, `IndexHolder.replace`): same gallery, same release.
 
 Why the cutoff sits at 15,000 templates (measured on a 2-core x86 CPU, one thread, 128-d, batch of 1 / 4 / 16
 probes): exact 0.26 / 0.96 / 1.7 ms against hnswlib 0.32 / 1.2 / 4.8 ms at 10k templates, exact 0.46 / 2.0 / 3.7
 against 0.35 / 1.4 / 6.1 ms at 20k, exact 1.1 / 8.3 / 12 ms against 0.43 / 1.9 / 9.9 ms at 50k. Below the cutoff
-exact is as fast, needs no build (hnswlib: 1.5 s at 10k, 15 s at 50k) and has no recall loss.
+exact is as fast and has no recall loss; above it exact still serves while the graph is built (a 50k build takes
+12-15 s of one core here, which is why nothing waits for it).
 
 Why M=24, ef_construction=100, ef=256 (synthetic 10k people x 5 unit-vector templates; the hardest probes are
 mixtures of two random people, where the decision needs both d1 and d2): an approximate search only over-estimates
@@ -19,22 +26,21 @@ false-accept direction). On 2,000 such probes at ef=256, d1 / d2 came out exact 
 extra accepts under ratio 0.8), 99.9 % / 99.6 % at M=24 (2 extra accepts); M=32 was no better for a longer build.
 ef_construction 100 builds in about half the time of 200 (11 s against 21 s at 50k, one thread); 64 builds in 8 s
 but misses d2 twice as often (99.0 %). The large query ef costs 0.6-0.9 ms per probe, small beside the encoder.
-Mated probes: top-1 identity 100 %. A 50k-template build takes 12-15 s here (one thread; two threads take 7 s but
-give a non-deterministic graph), which is the swap latency of a big site's update and its start-up cost.
+Mated probes: top-1 identity 100 %. One build thread: two take 7 s at 50k but give a non-deterministic graph.
 
 Persistence: the last applied publication is saved as one file (`gallery.fagp`: the signed manifest bytes and the
 blob, exactly as received) written atomically; at start-up it is verified again like a fresh download (signature
-under the configured key, every sha256, the encoder fingerprint, the blob structure) and the index rebuilt, so an
-edge serves its last gallery with the broker down. No index file is cached: a rebuild costs seconds, and a
-single source of truth cannot go stale. A new publication replaces the file (a removed person leaves the disk with
-it); a file that fails verification is deleted, because it can never become valid under this configuration and
-may hold people removed since.
+under the configured key, every sha256, the encoder fingerprint, the blob structure), so an edge serves its last
+gallery with the broker down, with exact search from the first second. A new publication replaces the file (a
+removed person leaves the disk with it); a file that fails verification is deleted, because it can never become
+valid under this configuration and may hold people removed since. The hnswlib graph beside it is derived data,
+keyed by the blob's sha256 (edge_agent.gallery.ann).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
-import os
 import struct
 import threading
 import time
@@ -43,22 +49,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-import hnswlib
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from models.cache import atomic_write_bytes
+from models.cache import atomic_write_bytes, fsync_dir
 from models.contract import limits, topics
-from models.contract.assembler import GalleryAssembler
-from models.contract.gallery import Gallery, GalleryManifest
+from models.contract.assembler import GalleryAssembler, Verified
+from models.contract.gallery import Gallery, GalleryManifest, release_text
 from models.contract.signing import Verifier
 from models.decision.rules import Neighbours
 from models.errors import ConfigError, ContractError, GalleryFormatError, GalleryIndexError, GalleryStoreError
 
 log = logging.getLogger(__name__)
 
-# gallery metric -> hnswlib space; hnswlib's "l2" returns squared distances, which only order the candidates
-HNSW_SPACES: Mapping[str, str] = MappingProxyType({"euclidean": "l2"})
+SUPPORTED_METRICS = ("euclidean",)
 # headroom over k x (templates per person): lets the approximate stage miss a template and still list the identity
 CANDIDATE_HEADROOM = 2
 # float64 elements per re-rank chunk (probes x candidates x dim): 128 MiB at most
@@ -78,9 +82,10 @@ class IndexParams:
     m: int = 24
     ef_construction: int = 100
     ef: int = 256
+    # above this many templates an hnswlib stage is built in the background (exact search serves meanwhile)
     exact_max_templates: int = 15_000
     # one thread: a gallery update must not take cores from the live camera pipeline; it is rare, and a slower
-    # swap (about 15 s for 50k templates here) costs nothing while the previous gallery serves meanwhile
+    # build (about 15 s for 50k templates here) costs nothing while exact search serves the new gallery
     build_threads: int = 1
     seed: int = 100  # hnswlib's level generator: the same gallery gives the same graph with one build thread
 
@@ -120,81 +125,97 @@ class Matches:
         return Neighbours.from_topk(self.distances, self.person_ids, gallery_identities=self.gallery_people)
 
 
+class CandidateStage(abc.ABC):
+    """An approximate stage 1 over an index's vectors (row i of the gallery is label i)."""
+
+    description: str  # for logs and status, e.g. "hnswlib M=24 ef_construction=100 ef=256"
+
+    @abc.abstractmethod
+    def knn(self, q: NDArray[np.float32], count: int) -> NDArray[np.intp]:
+        """(n, count) row indices of candidate templates per probe; raises GalleryIndexError."""
+
+
 class GalleryIndex:
-    """A searchable, immutable view of one gallery version. Build with `GalleryIndex.build` (pure CPU work that
-    releases the GIL in hnswlib and numpy, so run it off the inference thread); `search` is safe from any thread."""
+    """A searchable, immutable view of one gallery release. `GalleryIndex.build` is quick (exact search needs no
+    structure); `with_stage` gives the same index with an approximate stage 1. `search` is safe from any thread."""
 
     def __init__(
         self,
         gallery: Gallery,
         vectors: NDArray[np.float32],
-        hnsw: hnswlib.Index | None,
+        stage: CandidateStage | None,
         build_seconds: float,
+        *,
+        sqnorms: NDArray[np.float32] | None = None,
     ) -> None:
-        """Use `build`."""
-        self._site = gallery.site
-        self._version = gallery.version
-        self._fingerprint = gallery.fingerprint
+        """Use `build` and `with_stage`."""
+        self._gallery = gallery
         self._vectors = vectors
-        self._sqnorms = np.einsum("ij,ij->i", vectors, vectors)
+        self._sqnorms = np.einsum("ij,ij->i", vectors, vectors) if sqnorms is None else sqnorms
         self._labels = gallery.labels.astype(np.intp)
         self._person_ids = np.array([p.person_id for p in gallery.people] + [None], dtype=object)  # [-1] = None
         self._names: Mapping[str, str] = MappingProxyType({p.person_id: p.name for p in gallery.people})
         counts = np.bincount(self._labels, minlength=len(gallery.people))
         self._max_per_person = int(counts.max()) if counts.size else 0
-        self._hnsw = hnsw
+        self._stage = stage
         self._build_seconds = build_seconds
 
     @classmethod
-    def build(cls, gallery: Gallery, params: IndexParams | None = None) -> GalleryIndex:
-        params = params or IndexParams()
-        space = HNSW_SPACES.get(gallery.metric)
-        if space is None:
+    def build(cls, gallery: Gallery) -> GalleryIndex:
+        """An exact index, ready at once: the vectors as float32 and their squared norms."""
+        if gallery.metric not in SUPPORTED_METRICS:
             raise GalleryIndexError(f"gallery v{gallery.version}: no index for metric {gallery.metric!r}")
         started = time.perf_counter()
         # float16 galleries widen exactly; float32 ones are used as they are (read-only, no copy)
         vectors = np.ascontiguousarray(gallery.embeddings, dtype=np.float32)
-        hnsw = None
-        if gallery.count > params.exact_max_templates:
-            hnsw = hnswlib.Index(space=space, dim=gallery.dim)
-            try:
-                hnsw.init_index(
-                    max_elements=gallery.count,
-                    M=params.m,
-                    ef_construction=params.ef_construction,
-                    random_seed=params.seed,
-                )
-                hnsw.add_items(vectors, np.arange(gallery.count), num_threads=params.build_threads)
-            except (RuntimeError, MemoryError) as exc:
-                raise GalleryIndexError(f"gallery v{gallery.version}: hnswlib build failed: {exc}") from exc
-            # ef is a search setting, not part of the graph (hnswlib does not even save it): set after building
-            hnsw.set_ef(params.ef)
-        seconds = time.perf_counter() - started
+        index = cls(gallery, vectors, None, time.perf_counter() - started)
         log.info(
-            "gallery v%d index: %d templates of %d people, %s, built in %.2f s",
+            "gallery v%d index: %d templates of %d people, exact, ready in %.3f s",
             gallery.version,
             gallery.count,
             len(gallery.people),
-            f"hnswlib M={params.m} ef_construction={params.ef_construction} ef={params.ef}"
-            if hnsw is not None
-            else "exact",
-            seconds,
+            index.build_seconds,
         )
-        return cls(gallery, vectors, hnsw, seconds)
+        return index
+
+    def with_stage(self, stage: CandidateStage, build_seconds: float) -> GalleryIndex:
+        """The same gallery with `stage` picking the candidates (arrays shared, nothing copied)."""
+        return GalleryIndex(self._gallery, self._vectors, stage, build_seconds, sqnorms=self._sqnorms)
+
+    @property
+    def vectors(self) -> NDArray[np.float32]:
+        """(templates, dim) float32, read-only: what a candidate stage is built over."""
+        return self._vectors
+
+    @property
+    def stage(self) -> CandidateStage | None:
+        return self._stage
 
     # ---- what is in service ----
 
     @property
+    def gallery(self) -> Gallery:
+        return self._gallery
+
+    @property
     def site(self) -> str:
-        return self._site
+        return self._gallery.site
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._gallery.version
+
+    @property
+    def epoch(self) -> int:
+        return self._gallery.epoch
+
+    @property
+    def release(self) -> tuple[int, int]:
+        return self._gallery.release
 
     @property
     def fingerprint(self) -> str:
-        return self._fingerprint
+        return self._gallery.fingerprint
 
     @property
     def people(self) -> int:
@@ -219,8 +240,8 @@ class GalleryIndex:
 
     @property
     def exact(self) -> bool:
-        """True when searches are brute force (small gallery), False when hnswlib picks the candidates."""
-        return self._hnsw is None
+        """True when searches are brute force, False when an approximate stage picks the candidates."""
+        return self._stage is None
 
     # ---- search ----
 
@@ -248,18 +269,15 @@ class GalleryIndex:
         return Matches(person_ids, distances, self.people)
 
     def _candidates(self, q: NDArray[np.float32], count: int) -> NDArray[np.intp]:
-        if self._hnsw is not None:
-            try:
-                # one thread: batches are a few faces, and hnswlib would start a thread pool per call; hnswlib
-                # searches with max(ef, count), so the ef set at build needs no change here
-                found, _ = self._hnsw.knn_query(q, k=count, num_threads=1)
-            except RuntimeError as exc:
-                raise GalleryIndexError(f"gallery v{self._version}: hnswlib search failed: {exc}") from exc
-            return found.astype(np.intp)
+        if self._stage is not None:
+            return self._stage.knn(q, count)
         if count >= self.templates:
             return np.broadcast_to(np.arange(self.templates), (q.shape[0], self.templates))
-        # |q|² is the same for a whole row, so it does not change the order
-        approx = self._sqnorms[None, :] - 2.0 * (q @ self._vectors.T)
+        # |q|² is the same for a whole row, so it does not change the order. einsum, not `q @ V.T`: numpy's BLAS
+        # spreads one probe's product over its thread pool, which on a busy edge (cameras, inference) costs ten
+        # times the work itself (a probe against 50k templates on a loaded 2-core x86: 16-20 ms against 1-2 ms);
+        # einsum's own loop stays on this thread and is as fast for the few probes a door asks at once
+        approx = self._sqnorms[None, :] - 2.0 * np.einsum("kj,ij->ki", q, self._vectors)
         return np.argpartition(approx, count - 1, axis=1)[:, :count]
 
     def _rerank(self, q: NDArray[np.float32], candidates: NDArray[np.intp]) -> NDArray[np.float64]:
@@ -313,6 +331,14 @@ class IndexHolder:
             old, self._index = self._index, new
         return old
 
+    def replace(self, expected: GalleryIndex, new: GalleryIndex) -> bool:
+        """Swap in `new` only while `expected` is in service (a background upgrade must not undo a newer gallery)."""
+        with self._swap_lock:
+            if self._index is not expected:
+                return False
+            self._index = new
+        return True
+
 
 class GalleryStore:
     """The edge's last good gallery on disk (see the module docstring): `save` after applying a verified
@@ -325,6 +351,10 @@ class GalleryStore:
         self._site = topics.validate_id(site, "site")
 
     @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
     def path(self) -> Path:
         return self._dir / SAVED_FILE
 
@@ -335,14 +365,20 @@ class GalleryStore:
         header = _FILE_HEADER.pack(_FILE_MAGIC, _FILE_FORMAT, len(manifest))
         try:
             atomic_write_bytes(self.path, header + manifest + blob)
-            _fsync_dir(self._dir)  # the rename itself must survive a power cut, or the old file comes back
+            fsync_dir(self._dir)  # the rename itself must survive a power cut, or the old file comes back
         except OSError as exc:
             raise GalleryStoreError(f"cannot save the gallery to {self.path}: {exc}") from exc
         log.info("gallery saved to %s (%d bytes)", self.path, _FILE_HEADER.size + len(manifest) + len(blob))
 
     def load(self) -> Gallery | None:
-        """The saved gallery, verified again; None when there is none. A file that fails verification is deleted
-        and GalleryStoreError raised (its cause: SignatureError, IntegrityError, FingerprintMismatchError, ...)."""
+        """The saved gallery (see `load_publication`)."""
+        publication = self.load_publication()
+        return None if publication is None else publication.gallery
+
+    def load_publication(self) -> Verified | None:
+        """The saved publication, verified again; None when there is none. A file that fails verification is
+        deleted and GalleryStoreError raised (its cause: SignatureError, IntegrityError, FingerprintMismatchError,
+        ...)."""
         self._remove_leftovers()
         try:
             with self.path.open("rb") as fh:
@@ -352,28 +388,28 @@ class GalleryStore:
         except OSError as exc:
             raise GalleryStoreError(f"cannot read the saved gallery {self.path}: {exc}") from exc
         try:
-            gallery = self._verify(data)
+            publication = self._verify(data)
         except ContractError as exc:
             self.remove()
             raise GalleryStoreError(
                 f"saved gallery {self.path} refused and deleted: {type(exc).__name__}: {exc}"
             ) from exc
         log.info(
-            "saved gallery v%d of site %s loaded and verified (%d people)",
-            gallery.version,
+            "saved gallery %s of site %s loaded and verified (%d people)",
+            release_text(publication.manifest.release),
             self._site,
-            len(gallery.people),
+            len(publication.gallery.people),
         )
-        return gallery
+        return publication
 
     def remove(self) -> None:
         try:
             self.path.unlink(missing_ok=True)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as exc:
             raise GalleryStoreError(f"cannot delete the saved gallery {self.path}: {exc}") from exc
 
-    def _verify(self, data: bytes) -> Gallery:
+    def _verify(self, data: bytes) -> Verified:
         """The same checks as a download, by feeding a fresh assembler the manifest and the blob's chunks."""
         if not _FILE_HEADER.size <= len(data) <= _MAX_FILE_BYTES:
             raise GalleryFormatError(f"{len(data)} bytes: not the size of a saved gallery")
@@ -393,9 +429,10 @@ class GalleryStore:
         for i in range(layout.chunk_count):
             start = i * layout.chunk_size
             gallery = assembler.feed(topics.gallery_blob(self._site, i), blob[start : start + layout.chunk_size])
-        if gallery is None:  # every chunk was fed: only a manifest disagreeing with its own layout gets here
+        if gallery is None or assembler.completed is None:
+            # every chunk was fed: only a manifest disagreeing with its own layout gets here
             raise GalleryFormatError("the saved blob did not complete its manifest")
-        return gallery
+        return assembler.completed
 
     def _remove_leftovers(self) -> None:
         # temp files of a write cut short (kill -9, power loss) may hold vectors of people removed since
@@ -405,11 +442,3 @@ class GalleryStore:
                 log.info("removed leftover %s of an interrupted save", leftover)
             except OSError as exc:
                 log.warning("cannot remove leftover %s: %s", leftover, exc)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

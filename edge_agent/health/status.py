@@ -6,7 +6,8 @@ Wiring (the order matters):
     will = offline_will(device_id, site, agent_version, fingerprint)
     link = PahoMqttLink(mqtt_config, will=will)          # the will is registered at connect time
     reporter = StatusReporter(link, device_id, site, agent_version, fingerprint,
-                              health=agent.health, gallery_version=lambda: holder.version, config=StatusConfig())
+                              health=agent.health, gallery_version=lambda: holder.version,
+                              gallery_epoch=lambda: holder.epoch, config=StatusConfig())
     link.start(); reporter.start()
     ...
     gallery_sync(on_applied=lambda index: reporter.poke())  # a new gallery version is reported at once
@@ -14,7 +15,8 @@ Wiring (the order matters):
     reporter.stop()                                      # retained `stopped`, waits for its PUBACK
     link.stop()                                          # DISCONNECT: the broker discards the will
 
-When the reporter publishes `online` (always retained, fresh `ts`, `gallery_version` and health figures):
+When the reporter publishes `online` (always retained, fresh `ts`, `gallery_version` and its `gallery_epoch`,
+and health figures):
 
 - on every (re)connection of the link (a connection listener wakes the reporter thread; the connection that was
   already up when `start()` was called counts too). This replaces whatever the broker retained meanwhile: the
@@ -45,8 +47,8 @@ then all of them.
 (the server keeps the last known ones: enrollment_server/ingest.py). A device that disappears while the broker
 itself is down keeps whatever was retained; consumers should also look at the age of the last status.
 
-Threads: one daemon thread ("faceattend-status") calls `health()` and `gallery_version()` and publishes;
-connection listeners and `poke()` only set flags. `health` and `gallery_version` must be safe to call from that
+Threads: one daemon thread ("faceattend-status") calls `health()`, `gallery_version()` and `gallery_epoch()` and
+publishes; connection listeners and `poke()` only set flags. These three must be safe to call from that
 thread (read snapshots or locked counters).
 """
 
@@ -79,7 +81,8 @@ _MAX_DECIMALS = 12
 _MAX_TRACKED_HANDLES = 64
 
 HealthFn = Callable[[], "Mapping[str, Any] | None"]
-GalleryVersionFn = Callable[[], "int | None"]
+GalleryVersionFn = Callable[[], "int | None"]  # also the type of gallery_epoch()
+_Gallery = tuple["int | None", "int | None"]  # (version, epoch) as a status reports them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +117,7 @@ class StatusStats:
     published: int  # statuses handed to the link (online and stopped)
     acknowledged: int  # of those, acknowledged by the broker (PUBACK)
     publish_errors: int  # refused by the link, failed handles, or refused by the broker
-    health_errors: int  # health() / gallery_version() raised or returned something unusable
+    health_errors: int  # health() / gallery_version() / gallery_epoch() raised or returned something unusable
     health_dropped: int  # health entries left out by clean_health(), summed over every status built
     connects: int  # (re)connections seen
     last_state: str | None
@@ -122,12 +125,18 @@ class StatusStats:
 
 
 def offline_will(
-    device_id: str, site: str, agent_version: str, fingerprint: str, *, gallery_version: int | None = None
+    device_id: str,
+    site: str,
+    agent_version: str,
+    fingerprint: str,
+    *,
+    gallery_version: int | None = None,
+    gallery_epoch: int | None = None,
 ) -> Will:
     """The retained `offline` last will to create the agent's link with (`PahoMqttLink(config, will=...)`).
     Raises ConfigError for an invalid id, version or fingerprint."""
     try:
-        status = _status("offline", device_id, site, agent_version, gallery_version, fingerprint, {})
+        status = _status("offline", device_id, site, agent_version, (gallery_version, gallery_epoch), fingerprint, {})
     except (ContractError, TypeError) as exc:
         raise ConfigError(f"status: {exc}") from exc
     return Will(topic=topics.edge_status(device_id), payload=status.to_json(), qos=1, retain=True)
@@ -147,9 +156,10 @@ class StatusReporter:
         health: HealthFn | None = None,
         gallery_version: GalleryVersionFn | None = None,
         config: StatusConfig | None = None,
+        gallery_epoch: GalleryVersionFn | None = None,
     ) -> None:
         try:  # fail at construction, naming the field, rather than on the reporter thread
-            _status("online", device_id, site, agent_version, None, fingerprint, {})
+            _status("online", device_id, site, agent_version, (None, None), fingerprint, {})
         except (ContractError, TypeError) as exc:
             raise ConfigError(f"status: {exc}") from exc
         self._link = link
@@ -159,6 +169,7 @@ class StatusReporter:
         self._fingerprint = fingerprint
         self._health = health
         self._gallery_version_fn = gallery_version
+        self._gallery_epoch_fn = gallery_epoch
         self._config = config or StatusConfig()
         self.topic = topics.edge_status(device_id)
 
@@ -180,7 +191,7 @@ class StatusReporter:
         self._handles: list[PublishHandle] = []  # unresolved, for the acknowledged / error counts
         # the last figures published: `stopped` repeats them
         self._last_health: dict[str, Any] = {}
-        self._last_gallery_version: int | None = None
+        self._last_gallery: _Gallery = (None, None)
         self._health_failing = False
         self._started = False
         self._stopped = False
@@ -216,7 +227,7 @@ class StatusReporter:
         self._thread.join(max(0.0, min(1.0, wait_s / 2)))  # a hung health() must not hold up the shutdown
         if self._thread.is_alive():
             log.warning("status reporter thread still busy (in health()?); publishing `stopped` anyway")
-        status = self._build_with("stopped", dict(self._last_health), self._last_gallery_version)
+        status = self._build_with("stopped", dict(self._last_health), self._last_gallery)
         with self._publish_lock:
             handle = self._publish(status)
         if handle is None:
@@ -262,8 +273,8 @@ class StatusReporter:
     def build(self, state: str = "online") -> EdgeStatus:
         """A status with fresh figures, as the reporter would publish it now (the agent's `status` command, tests).
         Calls health() on the caller's thread."""
-        health, gallery_version = self._gather()
-        return self._build_with(state, health, gallery_version)
+        health, gallery = self._gather()
+        return self._build_with(state, health, gallery)
 
     # ---- connection listener (paho's network thread): set a flag, nothing else ----
 
@@ -313,19 +324,21 @@ class StatusReporter:
 
     def _publish_online(self, reason: str) -> None:
         try:
-            health, gallery_version = self._gather()
-            status = self._build_with("online", health, gallery_version)
+            health, gallery = self._gather()
+            status = self._build_with("online", health, gallery)
         except Exception:  # a bug of ours: say so and keep reporting
             log.exception("status: building the online status failed; sending a minimal one")
-            status = self._build_with("online", {HEALTH_ERROR_KEY: "status reporter error (see the edge log)"}, None)
+            status = self._build_with(
+                "online", {HEALTH_ERROR_KEY: "status reporter error (see the edge log)"}, (None, None)
+            )
         with self._publish_lock:
             if self._stopping.is_set():
                 return  # `stopped` is (about to be) published: an `online` after it would be retained instead
             if self._publish(status) is not None:
                 log.debug("status: online published (%s), gallery v%s", reason, status.gallery_version)
 
-    def _gather(self) -> tuple[dict[str, Any], int | None]:
-        """Fresh health figures and gallery version; never raises."""
+    def _gather(self) -> tuple[dict[str, Any], _Gallery]:
+        """Fresh health figures and gallery (version, epoch); never raises."""
         error: str | None = None
         raw: object = None
         if self._health is not None:
@@ -344,17 +357,21 @@ class StatusReporter:
             tree[HEALTH_DROPPED_KEY] = cleaned.dropped
             with self._stats_lock:
                 self._health_dropped += cleaned.dropped
-        gallery_version = self._last_gallery_version
-        if self._gallery_version_fn is not None:
+        gallery = list(self._last_gallery)
+        for i, (name, fn) in enumerate(
+            (("gallery_version", self._gallery_version_fn), ("gallery_epoch", self._gallery_epoch_fn))
+        ):
+            if fn is None:
+                continue
             try:
-                value = self._gallery_version_fn()
+                value = fn()
                 if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                     raise TypeError(f"returned {type(value).__name__}, not an integer or None")
                 if value is not None and value < 0:
-                    raise ValueError(f"returned {value}, a negative version")
-                gallery_version = None if value is None else int(value)
+                    raise ValueError(f"returned {value}, a negative number")
+                gallery[i] = None if value is None else int(value)
             except Exception as exc:
-                detail = f"gallery_version() failed: {type(exc).__name__}: {exc}"
+                detail = f"{name}() failed: {type(exc).__name__}: {exc}"
                 error = detail if error is None else error
                 self._health_failed(detail, exc)
         if error is None:
@@ -363,7 +380,7 @@ class StatusReporter:
             self._health_failing = False
         else:
             tree[HEALTH_ERROR_KEY] = error[: limits.MAX_HEALTH_STR_CHARS]
-        return tree, gallery_version
+        return tree, (gallery[0], gallery[1])
 
     def _health_failed(self, what: str, exc: BaseException | None) -> None:
         with self._stats_lock:
@@ -374,7 +391,7 @@ class StatusReporter:
         self._health_failing = True
         log.error("status: %s; statuses go out with `%s` until it recovers", what, HEALTH_ERROR_KEY, exc_info=exc)
 
-    def _build_with(self, state: str, health: dict[str, Any], gallery_version: int | None) -> EdgeStatus:
+    def _build_with(self, state: str, health: dict[str, Any], gallery: _Gallery) -> EdgeStatus:
         """The status; within the contract's size limit whatever the figures (strings, then figures, dropped)."""
         attempts: list[dict[str, Any]] = [health]
         if _has_strings(health):
@@ -384,9 +401,7 @@ class StatusReporter:
         attempts.append({HEALTH_ERROR_KEY: "health figures too large for a status: left out"})
         for tree in attempts:
             try:
-                status = _status(
-                    state, self._device, self._site, self._agent_version, gallery_version, self._fingerprint, tree
-                )
+                status = _status(state, self._device, self._site, self._agent_version, gallery, self._fingerprint, tree)
             except ContractError as exc:  # clean_health() should make this impossible; a bug must not stop statuses
                 log.error("status: health figures refused by the contract (%s); leaving them out", exc)
                 continue
@@ -398,7 +413,7 @@ class StatusReporter:
                         tree[HEALTH_ERROR_KEY],
                     )
                 return status
-        return _status(state, self._device, self._site, self._agent_version, gallery_version, self._fingerprint, {})
+        return _status(state, self._device, self._site, self._agent_version, gallery, self._fingerprint, {})
 
     def _publish(self, status: EdgeStatus) -> PublishHandle | None:
         """Publish retained, QoS 1; remember the figures (for `stopped`). None when the link refused it."""
@@ -417,7 +432,7 @@ class StatusReporter:
             if len(self._handles) > _MAX_TRACKED_HANDLES:  # only while the broker is not answering
                 del self._handles[0]
         self._last_health = {k: v for k, v in _plain(status.health).items() if k != HEALTH_DROPPED_KEY}
-        self._last_gallery_version = status.gallery_version
+        self._last_gallery = (status.gallery_version, status.gallery_epoch)
         return handle
 
     def _settle_handles(self) -> None:
@@ -587,16 +602,19 @@ def _status(
     device_id: str,
     site: str,
     agent_version: str,
-    gallery_version: int | None,
+    gallery: _Gallery,
     fingerprint: str,
     health: Mapping[str, Any],
 ) -> EdgeStatus:
+    version, epoch = gallery
     return EdgeStatus(
         state=state,
         device_id=device_id,
         site=site,
         agent_version=agent_version,
-        gallery_version=gallery_version,
+        gallery_version=version,
+        # an epoch only beside a version: a status says which release it holds, or none
+        gallery_epoch=epoch if version is not None else None,
         fingerprint=fingerprint,
         ts=timestamps.utc_now(),
         health=dict(health),

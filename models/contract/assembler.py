@@ -1,23 +1,31 @@
 """Rebuild a verified gallery from the retained MQTT messages of one site, arriving in any order.
 
-What arrives on `faceattend/v1/site/{site}/gallery/#`:
+What arrives on `faceattend/v1/site/{site}/gallery/...`:
 
 - on subscribe, the broker replays the retained manifest and chunks in an order of its choosing, and replays
   them again after every reconnect (duplicates are the normal case);
-- during an update, the server publishes the new chunks first and then the manifest, so chunks of a newer
-  version arrive before their manifest;
+- during an update, the server publishes the new chunks first and then the manifest, so a reader subscribed to
+  the chunks sees a newer version's chunks before their manifest;
 - stale retained chunks of an older version, or of indices the new version no longer has, can still come;
 - an empty retained payload is the server clearing a topic, not data.
 
 A chunk topic carries only its index, so a chunk's version is known only by its sha256 matching an entry of a
-verified manifest. Chunks that match the current manifest are kept (bounded by its blob_size, itself bounded);
-chunks that match nothing yet go to a side pool bounded by `pool_cap_bytes` (oldest dropped first, logged),
-which is searched when a newer manifest is verified.
+verified manifest. Chunks that match the manifest being assembled are kept (bounded by its blob_size, itself
+bounded); chunks that match nothing yet go to a side pool bounded by `pool_cap_bytes` (oldest dropped first,
+logged), which is searched when a newer manifest is verified. The pool only saves a download: a reader asks for
+what is still missing (`missing_chunks`) by subscribing to those chunk topics again, which makes the broker send
+their retained copies (edge_agent.gallery.sync does so), so a gallery of any size the contract allows completes
+whatever was dropped on the way.
+
+Ordering: manifests are compared by release `(epoch, version)` (models.contract.gallery). A release equal to the
+one in service is a replay (ignored); an older one is refused with StaleGalleryError; a newer one whose blob is
+byte for byte the one in service (a server restart starts a new epoch and re-publishes the same people) is taken
+over at once, without a download.
 
 Checks, in order: manifest size / envelope / fields, signing key id and Ed25519 signature, site, encoder
-fingerprint (FingerprintMismatchError: the edge must refuse the gallery), per-chunk length and sha256, the whole
-blob's sha256, the blob's own structure (`decode_blob`). Any failure raises a typed ContractError for the caller
-to log (and ack as an error) while it keeps serving the previous gallery; the assembler stays usable.
+fingerprint (FingerprintMismatchError: the edge must refuse the gallery), release, per-chunk length and sha256,
+the whole blob's sha256, the blob's own structure (`decode_blob`). Any failure raises a typed ContractError for
+the caller to log (and ack as an error) while it keeps serving the previous gallery; the assembler stays usable.
 
 Not thread-safe: feed it from one thread (e.g. paho's network thread, or a worker fed by a queue). Hashing and
 decoding a large gallery takes a while; an edge with big galleries should feed from its own worker thread.
@@ -25,25 +33,37 @@ decoding a large gallery takes a while; an edge with big galleries should feed f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from models.contract import limits
-from models.contract.gallery import Gallery, GalleryManifest, decode_blob, read_manifest
+from models.contract.gallery import Gallery, GalleryManifest, decode_blob, read_manifest, release_text
 from models.contract.signing import Verifier
 from models.contract.topics import TopicKind, parse_topic
-from models.errors import ContractError, FingerprintMismatchError, IntegrityError, TopicError
+from models.errors import ContractError, FingerprintMismatchError, IntegrityError, StaleGalleryError, TopicError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL_CAP_BYTES = 64 * limits.MIB
 
 
+@dataclass(frozen=True, eq=False)
+class Verified:
+    """A publication that passed every check: its manifest, parsed and as received (what the signature covers,
+    unknown fields of a newer minor version included, so it can be saved and verified again), and its gallery."""
+
+    manifest: GalleryManifest
+    manifest_bytes: bytes = field(repr=False)
+    gallery: Gallery = field(repr=False)
+
+
 @dataclass
 class _Assembly:
     manifest: GalleryManifest
+    manifest_bytes: bytes
     chunks: dict[int, bytes] = field(default_factory=dict)
 
     @property
@@ -58,27 +78,52 @@ class GalleryAssembler:
         expected_fingerprint: str,
         site: str,
         *,
-        current_version: int = 0,
+        current: Verified | None = None,
         pool_cap_bytes: int = DEFAULT_POOL_CAP_BYTES,
     ) -> None:
-        """`current_version`: the version already in service (e.g. loaded from disk), which is not rebuilt."""
+        """`current`: the publication already in service (e.g. loaded from disk), which is not rebuilt."""
         self._verifier = verifier
         self._fingerprint = expected_fingerprint
         self._site = site
         self._pool_cap = pool_cap_bytes
-        self.completed_version = current_version
+        self._completed = current
         self._assembly: _Assembly | None = None
         # (index, sha256) -> chunk, insertion-ordered so the oldest is dropped first
         self._pool: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._pool_bytes = 0
-        # (version, blob sha256) of a publication whose blob failed its checks: its retained manifest is replayed
+        # (release, blob sha256) of a publication whose blob failed its checks: its retained manifest is replayed
         # on every reconnect and would otherwise be downloaded and refused again each time
-        self._failed: tuple[int, str] | None = None
+        self._failed: tuple[tuple[int, int], str] | None = None
+
+    @property
+    def completed(self) -> Verified | None:
+        """The newest publication completed (or given as `current`)."""
+        return self._completed
+
+    @property
+    def completed_version(self) -> int:
+        return self._completed.manifest.version if self._completed else 0
+
+    @property
+    def pending(self) -> GalleryManifest | None:
+        """The verified manifest being assembled, if any."""
+        return self._assembly.manifest if self._assembly else None
 
     @property
     def pending_version(self) -> int | None:
-        """The verified manifest version being assembled, if any."""
         return self._assembly.manifest.version if self._assembly else None
+
+    @property
+    def received_chunks(self) -> int:
+        """Chunks of the pending manifest received so far (0 when none is pending)."""
+        return len(self._assembly.chunks) if self._assembly else 0
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of the pending manifest's chunks not received yet, ascending."""
+        if self._assembly is None:
+            return []
+        have = self._assembly.chunks
+        return [i for i in range(self._assembly.manifest.chunk_count) if i not in have]
 
     def feed(self, topic: str, payload: bytes) -> Gallery | None:
         """Take one message; return the new gallery when this message completed it, else None."""
@@ -89,7 +134,7 @@ class GalleryAssembler:
             log.debug("cleared retained topic %s ignored", topic)
             return None
         if parsed.kind is TopicKind.GALLERY_MANIFEST:
-            return self._on_manifest(payload)
+            return self._on_manifest(bytes(payload))
         if parsed.index is None:  # parse_topic sets it for every blob topic; kept for the type checker
             raise TopicError(f"topic {topic!r} has no chunk index")
         return self._on_chunk(parsed.index, bytes(payload))
@@ -98,39 +143,69 @@ class GalleryAssembler:
 
     def _on_manifest(self, payload: bytes) -> Gallery | None:
         manifest = read_manifest(payload, self._verifier)  # signature first: nothing unverified is acted on
+        release = manifest.release
         if manifest.site != self._site:
             # signed, but for another site: a misrouted or replayed publication
-            raise ContractError(f"gallery manifest v{manifest.version} is for site {manifest.site}, not {self._site}")
+            raise ContractError(
+                f"gallery manifest {release_text(release)} is for site {manifest.site}, not {self._site}"
+            )
         if manifest.fingerprint != self._fingerprint:
             raise FingerprintMismatchError(
-                f"gallery v{manifest.version} for site {self._site} was built under encoder fingerprint "
+                f"gallery {release_text(release)} for site {self._site} was built under encoder fingerprint "
                 f"{manifest.fingerprint}; this edge's encoder is {self._fingerprint}"
             )
-        if manifest.version <= self.completed_version:
-            # the same version is the retained manifest replayed on every resubscribe: not worth a log line
-            level = logging.DEBUG if manifest.version == self.completed_version else logging.INFO
-            log.log(level, "gallery manifest v%d ignored: v%d in service", manifest.version, self.completed_version)
-            return None
-        if self._failed == (manifest.version, manifest.blob_sha256):
-            log.debug("gallery manifest v%d ignored: its blob already failed verification", manifest.version)
+        done = self._completed
+        if done is not None:
+            if release == done.manifest.release:
+                if manifest.blob_sha256 == done.manifest.blob_sha256:
+                    log.debug("gallery manifest %s ignored: in service already", release_text(release))
+                    return None  # the retained manifest replayed on every resubscribe
+                raise StaleGalleryError(
+                    f"gallery manifest {release_text(release)} for site {self._site} has the release in service "
+                    "with other content: a release is published once, so this one is not applied"
+                )
+            if release < done.manifest.release:
+                raise StaleGalleryError(
+                    f"gallery manifest {release_text(release)} for site {self._site} is older than "
+                    f"{release_text(done.manifest.release)} in service: a replayed publication, or a server that "
+                    "published without starting a new epoch (a server older than schema 1.1 on a restored "
+                    "database, a clock set back); not applied"
+                )
+        if self._failed == (release, manifest.blob_sha256):
+            log.debug("gallery manifest %s ignored: its blob already failed verification", release_text(release))
             return None
         current = self._assembly
         if current is not None:
-            if manifest.version < current.manifest.version:
-                log.info("gallery manifest v%d ignored: v%d is newer", manifest.version, current.manifest.version)
+            if release < current.manifest.release:
+                log.info(
+                    "gallery manifest %s ignored: %s is being assembled",
+                    release_text(release),
+                    release_text(current.manifest.release),
+                )
                 return None
-            if manifest.version == current.manifest.version:
+            if release == current.manifest.release:
                 if manifest.blob_sha256 == current.manifest.blob_sha256:
                     return None  # the retained manifest again (resubscribe after a reconnect)
-                log.warning("gallery v%d re-published with other content; starting over with it", manifest.version)
+                log.warning("gallery %s re-published with other content; starting over with it", release_text(release))
+        if done is not None and _same_content(manifest, done.manifest):
+            self._assembly = None  # whatever was pending is older than this release
+            gallery = dataclasses.replace(done.gallery, version=manifest.version, epoch=manifest.epoch)
+            self._completed = Verified(manifest, payload, gallery)
+            log.info(
+                "gallery %s for site %s: the content of %s in service, taken over without a download",
+                release_text(release),
+                self._site,
+                release_text(done.manifest.release),
+            )
+            return gallery
         log.info(
-            "gallery manifest v%d for site %s verified (%d chunks, %d bytes)",
-            manifest.version,
+            "gallery manifest %s for site %s verified (%d chunks, %d bytes)",
+            release_text(release),
             self._site,
             manifest.chunk_count,
             manifest.blob_size,
         )
-        self._assembly = _Assembly(manifest)
+        self._assembly = _Assembly(manifest, payload)
         for i, digest in enumerate(manifest.chunk_sha256):
             chunk = self._pool.pop((i, digest), None)
             if chunk is not None:
@@ -173,7 +248,8 @@ class GalleryAssembler:
             (old_index, _), old = self._pool.popitem(last=False)
             self._pool_bytes -= len(old)
             log.warning(
-                "gallery chunk %d (%d bytes) with no matching manifest dropped: the %d byte pool is full",
+                "gallery chunk %d (%d bytes) with no matching manifest dropped: the %d byte pool is full "
+                "(asked for again once its manifest is known)",
                 old_index,
                 len(old),
                 self._pool_cap,
@@ -191,7 +267,7 @@ class GalleryAssembler:
         self._assembly = None
         current.chunks.clear()
         digest = hashlib.sha256(blob).hexdigest()
-        self._failed = (manifest.version, manifest.blob_sha256)  # cleared below once the blob proves good
+        self._failed = (manifest.release, manifest.blob_sha256)  # cleared below once the blob proves good
         if digest != manifest.blob_sha256:
             raise IntegrityError(
                 f"gallery v{manifest.version} blob sha256 {digest[:12]}… differs from the manifest's "
@@ -199,12 +275,17 @@ class GalleryAssembler:
             )
         gallery = decode_blob(blob, manifest)
         self._failed = None
-        self.completed_version = manifest.version
+        self._completed = Verified(manifest, current.manifest_bytes, gallery)
         log.info(
-            "gallery v%d for site %s assembled: %d embeddings of %d people",
-            manifest.version,
+            "gallery %s for site %s assembled: %d embeddings of %d people",
+            release_text(manifest.release),
             self._site,
             gallery.count,
             len(gallery.people),
         )
         return gallery
+
+
+def _same_content(a: GalleryManifest, b: GalleryManifest) -> bool:
+    # the blob holds dtype, dim, count and people, and the fingerprint was checked against ours for both
+    return a.blob_sha256 == b.blob_sha256 and a.blob_size == b.blob_size and a.metric == b.metric

@@ -23,6 +23,17 @@ Blob layout, format version 1 (all integers and floats little-endian, no padding
 Every length is checked against the bytes actually present before anything is allocated, embeddings must be
 finite, labels must index the table, person ids must be unique.
 
+Releases (schema 1.1). A publication is identified by its release `(epoch, version)`, compared as a pair: the
+version counts publications within an epoch, and the epoch (milliseconds since 1970 UTC when the server started
+it) grows whenever a server can no longer prove that it continues the previous epoch's count, i.e. at every
+server start and publisher change, which includes a database restored from a backup or moved to PostgreSQL. An
+edge applies a release newer than the one it serves and refuses an older one (StaleGalleryError, acknowledged as
+an error), so a replayed old manifest is refused while a restored server's `v41` of a new epoch supersedes `v57`
+of the old one. A 1.0 manifest has no epoch and reads as epoch 0, below every epoch a 1.1 server writes; a 1.0
+edge ignores the field (unknown fields are ignored and the signature covers them) and orders by version alone, so
+it follows a 1.1 server as before except after a restore, where it keeps ignoring the lower versions until the
+count passes the one it holds.
+
 Manifest signature: Ed25519 over the canonical JSON (`models.contract.codec.canonical_json`: sorted keys, compact
 separators `,` `:`, UTF-8, non-ASCII unescaped) of the manifest object *as received*, envelope and unknown
 fields included, with only its `signature` key removed. Verifying the received object rather than our re-encoding
@@ -100,6 +111,7 @@ class Gallery:
     embeddings: np.ndarray = field(repr=False)  # [count, dim] of `dtype`, read-only
     labels: np.ndarray = field(repr=False)  # [count] int32, index into `people`, read-only
     people: tuple[GalleryPerson, ...]
+    epoch: int = 0  # with `version`, the release (see the module docstring); 0 = a 1.0 publication
 
     def __post_init__(self) -> None:
         try:
@@ -108,6 +120,8 @@ class Gallery:
             raise GalleryFormatError(str(exc)) from None
         if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
             raise GalleryFormatError(f"gallery version must be an integer >= 1, got {self.version!r}")
+        if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or not 0 <= self.epoch < 2**63:
+            raise GalleryFormatError(f"gallery epoch must be an integer in [0, 2**63), got {self.epoch!r}")
         if not isinstance(self.fingerprint, str) or not self.fingerprint:
             raise GalleryFormatError("gallery fingerprint must be a non-empty string")
         if self.metric not in METRICS:
@@ -149,6 +163,16 @@ class Gallery:
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def release(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
+
+
+def release_text(release: tuple[int, int]) -> str:
+    """How logs, errors and acks name a release: `v41 (epoch 1767225600000)`."""
+    epoch, version = release
+    return f"v{version} (epoch {epoch})"
 
 
 def encode_blob(gallery: Gallery) -> bytes:
@@ -222,6 +246,7 @@ def decode_blob(data: bytes, expected: GalleryManifest) -> Gallery:
         embeddings=emb.reshape(count, dim),
         labels=labels.astype(np.int32),
         people=tuple(people),
+        epoch=expected.epoch,
     )
 
 
@@ -260,10 +285,12 @@ class GalleryManifest(Message):
     created: str
     key_id: str
     signature: str  # base64 Ed25519 signature; "" only on the unsigned draft inside build_publication
+    epoch: int = 0  # 1.1: with `version`, the release (module docstring); absent from a 1.0 manifest
 
     def validate(self) -> None:
         check_id(self, "site")
         check_min(self, "version", 1)
+        check_min(self, "epoch", 0)
         check_text(self, "fingerprint", limits.MAX_FINGERPRINT_CHARS)
         if not 1 <= self.dim <= limits.MAX_DIM:
             raise self.invalid("dim", f"must be in [1, {limits.MAX_DIM}], got {self.dim}")
@@ -300,6 +327,10 @@ class GalleryManifest(Message):
                 raise self.invalid("signature", "is not base64") from None
             if len(raw) != SIGNATURE_BYTES:
                 raise self.invalid("signature", f"holds {len(raw)} bytes, an Ed25519 signature is {SIGNATURE_BYTES}")
+
+    @property
+    def release(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
 
     def chunk_length(self, i: int) -> int:
         """The exact length chunk `i` must have."""
@@ -362,12 +393,13 @@ def build_publication(
         created=created if created is not None else timestamps.utc_now(),
         key_id=signer.key_id,
         signature="",
+        epoch=gallery.epoch,
     )
     signature = signer.sign_b64(signed_bytes(draft.to_object()))
     manifest = dataclasses.replace(draft, signature=signature)
     log.info(
-        "gallery v%d for site %s: %d embeddings, %d people, %d bytes in %d chunks, signed by %s",
-        manifest.version,
+        "gallery %s for site %s: %d embeddings, %d people, %d bytes in %d chunks, signed by %s",
+        release_text(manifest.release),
         manifest.site,
         manifest.count,
         manifest.people,

@@ -16,13 +16,14 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.cache import atomic_write_bytes
+from models.cache import atomic_write_bytes, fsync_dir
 from models.errors import ConfigError, SignatureError
 
 log = logging.getLogger(__name__)
@@ -126,15 +127,49 @@ class Signer:
             raise ConfigError(f"{path}: the PEM holds a {type(key).__name__}, not an Ed25519 private key")
         return cls(key)
 
+    @classmethod
+    def load_or_create(cls, path: Path | str) -> tuple[Signer, bool]:
+        """The key at `path`, generated there first when there is none; True when this call created it.
+
+        Atomic against a concurrent first start (two server processes on an empty key volume): the new key is
+        written whole to a temporary file and hard-linked to `path`, which fails when the name exists, so exactly
+        one process creates the key and every other one loads it, never a key of its own that another overwrites.
+        """
+        path = Path(path)
+        if path.is_file():
+            return cls.load(path), False
+        signer = cls.generate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(signer._pem())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, path)
+                    created = True
+                except FileExistsError:
+                    created = False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            fsync_dir(path.parent)  # the new name must survive a power cut, or a restart makes another key
+        except OSError as exc:
+            raise ConfigError(f"cannot create signing key {path}: {exc}") from exc
+        return (signer, True) if created else (cls.load(path), False)
+
+    def _pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
     def save(self, path: Path | str) -> None:
         """Write the key as PEM, mode 0600 from creation (mkstemp), atomically replacing any previous file."""
         path = Path(path)
-        pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         # atomic_write_bytes writes through mkstemp, which creates the file 0600; the chmod makes that explicit
         # in case the helper ever changes, and happens after the rename so no other mode is ever visible
-        atomic_write_bytes(path, pem)
+        atomic_write_bytes(path, self._pem())
         os.chmod(path, 0o600)
 
     def save_public(self, path: Path | str) -> None:

@@ -40,6 +40,7 @@ class EdgeStatus(Message):
     fingerprint: str
     ts: str
     health: dict = field(default_factory=dict)
+    gallery_epoch: int | None = None  # 1.1: the epoch of gallery_version (None: no gallery, or a 1.0 edge)
 
     def validate(self) -> None:
         check_choice(self, "state", STATES)
@@ -47,6 +48,7 @@ class EdgeStatus(Message):
         check_id(self, "site")
         check_text(self, "agent_version", limits.MAX_VERSION_CHARS)
         check_min(self, "gallery_version", 0)
+        check_min(self, "gallery_epoch", 0)
         check_text(self, "fingerprint", limits.MAX_FINGERPRINT_CHARS)
         normalise_ts(self, "ts")
         counter = [0]
@@ -95,11 +97,13 @@ class GalleryAck(Message):
     status: str
     error: str | None
     ts: str
+    epoch: int | None = None  # 1.1: the epoch of `version` (None from a 1.0 edge, or a manifest too broken to tell)
 
     def validate(self) -> None:
         check_id(self, "device_id")
         check_id(self, "site")
         check_min(self, "version", 1)
+        check_min(self, "epoch", 0)
         check_choice(self, "status", ACK_STATUSES)
         if self.status == "ok" and self.error is not None:
             raise self.invalid("error", "must be null when status is 'ok'")

@@ -110,8 +110,14 @@ ALL_EVENTS_STORED = f"{ROOT}/device/+/stored"
 
 
 def site_gallery_filter(site: str) -> str:
-    """What an edge subscribes to: its site's manifest and every chunk (retained, so delivered on subscribe)."""
+    """A site's manifest and every chunk (retained, so delivered on subscribe): what the device ACL grants."""
     return f"{ROOT}/site/{validate_id(site, 'site')}/gallery/#"
+
+
+def site_gallery_chunks(site: str) -> str:
+    """Every chunk of a site's gallery. An edge holds it only while it assembles a manifest: subscribing makes the
+    broker send the retained chunks, which is how it fetches a publication (edge_agent.gallery.sync)."""
+    return f"{ROOT}/site/{validate_id(site, 'site')}/gallery/blob/+"
 
 
 def parse_topic(topic: str) -> ParsedTopic:

@@ -30,6 +30,7 @@ UNREADABLE = "unreadable_image"
 DUPLICATE_IMAGE = "duplicate_image"
 DUPLICATE_TEMPLATE = "duplicate_template"
 PROBABLE_DUPLICATE_IDENTITY = "probable_duplicate_identity"
+NOT_THIS_PERSON = "not_this_person"
 
 
 @dataclass(frozen=True)

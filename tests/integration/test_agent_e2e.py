@@ -652,7 +652,8 @@ def test_forged_tampered_and_foreign_galleries_are_refused_and_recognition_goes_
 
     def fake(fingerprint: str = fp) -> Gallery:
         g = genuine
-        return Gallery(LAB, v + 1, fingerprint, g.metric, g.dtype, g.embeddings, g.labels, people)
+        # the release right after the genuine one: what an attacker claims to be applied
+        return Gallery(LAB, v + 1, fingerprint, g.metric, g.dtype, g.embeddings, g.labels, people, epoch=g.epoch)
 
     real_key = Signer.load(server.key)
     rogue = mqtt_links(world.broker)

@@ -600,6 +600,7 @@ def test_site_gallery_and_devices(api: Api) -> None:
     assert gallery | {"created": None} == {
         "site": SITE,
         "version": 2,
+        "epoch": 0,
         "count": 5,
         "people": 2,
         "fingerprint": fp,
@@ -618,18 +619,22 @@ def test_site_gallery_and_devices(api: Api) -> None:
     store.upsert_device_status(DeviceStatus("door-2", SITE, "stopped", t0, agent_version="0.1.9"), received=seen)
     store.record_ack("door-2", SITE, 1, ok=True)
     store.upsert_device_status(DeviceStatus("door-3", SITE, "offline", t0), received=seen)
+    # a device holding a newer version than this server recorded (a restored database): ahead, never "lag 0"
+    store.upsert_device_status(DeviceStatus("door-4", SITE, "online", t0, gallery_version=5), received=seen)
     store.ensure_site("branch")
     store.upsert_device_status(DeviceStatus("door-9", "branch", "online", t0), received=seen)
 
     devices = api.get(f"/sites/{SITE}/devices").json()
     assert devices["site"] == SITE and devices["latest_version"] == 2
     rows = {d["device_id"]: d for d in devices["devices"]}
-    assert list(rows) == ["door-1", "door-2", "door-3"]
-    assert [(d["state"], d["agent_version"], d["gallery_version"], d["lag"]) for d in rows.values()] == [
-        ("online", "0.2.0", 2, 0),
-        ("stopped", "0.1.9", 1, 1),
-        ("offline", None, None, 2),
+    assert list(rows) == ["door-1", "door-2", "door-3", "door-4"]
+    assert [(d["state"], d["agent_version"], d["gallery_version"], d["lag"], d["sync"]) for d in rows.values()] == [
+        ("online", "0.2.0", 2, 0, "current"),
+        ("stopped", "0.1.9", 1, 1, "behind"),
+        ("offline", None, None, 2, "behind"),
+        ("online", None, 5, -3, "ahead"),
     ]
+    assert devices["latest_epoch"] == 0 and rows["door-1"]["latest_epoch"] == 0
     assert rows["door-1"]["health"] == {"fps": 14.5}
     assert rows["door-1"]["last_seen"] == "2026-01-15T08:00:05Z"
     assert api.get("/sites/mars/devices").status_code == 404

@@ -323,10 +323,34 @@ def test_provisioning_again_keeps_everything_and_a_new_password_needs_rotate(dep
     d.links.connect(edge_mqtt(rotated))
 
     # moving the device to another site rewrites its ACL block: it now reads that site's gallery only
+    with Store.open(d.cfg.database.url) as store:
+        assert store.device_site("door-1") == SITE  # the registry the ingest checks each event's site against
     assert d.provision("door-1", site="annex") == 0
     assert BrokerAuth(auth).blocks() == [device_acl("door-1", "annex")]
+    with Store.open(d.cfg.database.url) as store:
+        assert store.device_site("door-1") == "annex"
     assert (d.bundles / "door-1" / "edge.yaml.bak").is_file()
     assert edge_config.load_config(d.bundles / "door-1" / "edge.yaml").site == "annex"
+
+
+def test_a_revoked_device_provisioned_again_gets_a_new_password_and_the_old_one_stays_refused(deployment):
+    """A stolen door is revoked, its replacement provisioned under the same id: the bundle left on the server
+    still holds the old password, which must not come back to life."""
+    d = deployment
+    password_file = d.bundles / "door-1" / "mqtt.password"
+    assert d.provision("door-1") == 0
+    old_password = password_file.read_text().strip()
+    d.broker.reload()
+    old = edge_mqtt(edge_config.load_config(d.bundles / "door-1" / "edge.yaml"))
+    d.links.connect(old).stop()
+
+    assert d.cli("revoke-broker-user", "door-1", "--broker-auth", str(d.broker.auth_dir)) == 0
+    assert d.provision("door-1") == 0
+    new_password = password_file.read_text().strip()
+    assert new_password != old_password
+    d.broker.reload()
+    assert d.links.refused(old)  # the stolen door's copy of the bundle
+    d.links.connect(edge_mqtt(edge_config.load_config(d.bundles / "door-1" / "edge.yaml")))
 
 
 def test_names_that_belong_to_someone_else_are_refused(deployment, capsys):

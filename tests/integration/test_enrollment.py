@@ -16,7 +16,11 @@ from models.face.pipeline import FacePipeline
 from models.imageio import load_image
 
 FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
+needs_dev_set = pytest.mark.skipif(
+    not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent"
+)
+# shipped with the repository (MIT, see its NOTICE.md): tests that must pass on a bare clone use these
+DEMO_PEOPLE = Path(__file__).resolve().parents[2] / "edge_agent" / "devtools" / "demo_people"
 
 
 def _photos(person: str) -> list[Path]:
@@ -49,6 +53,7 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@needs_dev_set
 def test_enroll_accepts_good_photos_and_says_why_others_fail(enroller):
     good = [_blob(p) for p in _photos("Jennifer_Aniston")[:3]]
     sharp = load_image(_photos("Jennifer_Aniston")[4])
@@ -71,6 +76,7 @@ def test_enroll_accepts_good_photos_and_says_why_others_fail(enroller):
     assert len(stored) == report.added and all(t.encoder_fingerprint == enroller.fingerprint for t in stored)
 
 
+@needs_dev_set
 def test_the_same_image_again_is_a_duplicate(enroller):
     photo = _blob(_photos("Barack_Obama")[0])
     assert enroller.enroll("obama", "Barack Obama", "hq", [photo]).added == 1
@@ -79,6 +85,7 @@ def test_the_same_image_again_is_a_duplicate(enroller):
     assert not again.person_created and len(enroller.store.list_templates(person_id="obama")) == 1
 
 
+@needs_dev_set
 def test_a_new_person_who_looks_like_someone_enrolled_is_flagged(enroller):
     obama = _photos("Barack_Obama")
     enroller.enroll("obama", "Barack Obama", "hq", [_blob(obama[0])])
@@ -94,12 +101,14 @@ def test_a_new_person_who_looks_like_someone_enrolled_is_flagged(enroller):
     assert enroller.enroll("angelina", "Angelina Jolie", "hq", [_blob(_photos("Angelina_Jolie")[0])]).person_created
 
 
+@needs_dev_set
 def test_a_person_belongs_to_one_site(enroller):
     enroller.enroll("obama", "Barack Obama", "hq", [_blob(_photos("Barack_Obama")[0])])
     with pytest.raises(ConflictError, match="site 'hq'"):
         enroller.enroll("obama", "Barack Obama", "branch", [_blob(_photos("Barack_Obama")[1])])
 
 
+@needs_dev_set
 def test_folder_import(enroller, tmp_path):
     root = tmp_path / "people"
     for person in ("Elon_Musk", "Jack_Dorsey", "Sundar_Pichai"):
@@ -114,3 +123,35 @@ def test_folder_import(enroller, tmp_path):
     assert enroller.store.get_person("Jack_Dorsey").display_name == "Jack Dorsey"
     with pytest.raises(ImageError, match="not a folder"):
         import_folder(enroller, tmp_path / "absent", "hq")
+
+
+def _demo(person: str, photo: str) -> tuple[str, bytes]:
+    path = DEMO_PEOPLE / person / photo
+    return (f"{person}/{photo}", path.read_bytes())
+
+
+def test_photos_added_to_an_existing_person_are_checked_against_everyone(enroller):
+    """A mixed-up upload must not enrol someone else under an existing person's name: neither a person enrolled
+    under another id (the duplicate-identity check new people get) nor a stranger nobody enrolled."""
+    assert enroller.enroll("obama", "Barack Obama", "hq", [_demo("Barack_Obama", "1.jpg")]).added == 1
+    assert enroller.enroll("musk", "Elon Musk", "hq", [_demo("Elon_Musk", "1.jpg")]).added == 1
+
+    report = enroller.enroll(
+        "obama",
+        "Barack Obama",
+        "hq",
+        [_demo("Barack_Obama", "2.jpg"), _demo("Elon_Musk", "2.jpg"), _demo("Mark_Zuckerberg", "1.jpg")],
+    )
+    by_source = {r.source: r for r in report.results}
+    assert by_source["Barack_Obama/2.jpg"].accepted  # the person's own new photo still goes in
+    musk = by_source["Elon_Musk/2.jpg"]
+    assert musk.reason == q.PROBABLE_DUPLICATE_IDENTITY and musk.matched_person == "musk" and musk.distance < 0.5
+    stranger = by_source["Mark_Zuckerberg/1.jpg"]
+    assert stranger.reason == q.NOT_THIS_PERSON and stranger.distance > 0.6 and "obama" in stranger.message
+    assert report.added == 1 and len(enroller.store.list_templates(person_id="obama")) == 2
+
+    # the admin may insist (twins, a photo from decades ago): the same override as for a new person
+    forced = enroller.enroll(
+        "obama", "Barack Obama", "hq", [_demo("Mark_Zuckerberg", "1.jpg")], allow_duplicate_identity=True
+    )
+    assert forced.added == 1 and len(enroller.store.list_templates(person_id="obama")) == 3

@@ -379,3 +379,52 @@ def test_new_edges_get_confirmations_and_an_old_edges_events_are_stored_unconfir
     assert wait_until(lambda: {i for c in confirmations for i in c.event_ids} == {new.event_id, again.event_id})
     assert sum(len(c.event_ids) for c in confirmations) == 3
     assert stats.confirmed == 3 and stats.confirmations >= 2
+
+
+def test_a_device_files_events_only_under_its_registered_site(store: Store, running, caplog):
+    """The site comes from the device registry (provision-device writes it; an unprovisioned device is pinned to the
+    site of its first message), never from the payload alone: a door cannot file attendance at another site."""
+    caplog.set_level(logging.WARNING, logger="enrollment_server.ingest")
+    ingest, edge = running
+    store.register_device("door-7", SITE)  # what provision-device --device door-7 --site hq records
+    door7 = topics.edge_events("door-7")
+
+    def at(site: str, seq: int) -> AttendanceEvent:
+        e = event(device="door-7", seq=seq)
+        return AttendanceEvent.from_json(as_object(e, site=site))
+
+    home, away = at(SITE, 1), at("branch", 2)
+    status_away = EdgeStatus("online", "door-7", "branch", "0.1.0", 1, FP, utc_now())
+    ack_away = GalleryAck("door-7", "branch", 1, "ok", None, utc_now())
+    publish_all(
+        edge,
+        [
+            (door7, home.to_json()),
+            (door7, away.to_json()),
+            (topics.edge_status("door-7"), status_away.to_json()),
+            (topics.gallery_ack("door-7"), ack_away.to_json()),
+        ],
+    )
+    stats = settled(ingest, 4)
+    assert stats.stored == 1 and dict(stats.rejected) == {"site_mismatch": 3}
+    assert stored_ids(store) == {home.event_id}
+    assert "registered at site 'hq'" in caplog.text
+    assert [(d.device_id, d.site_id) for d in store.list_devices()] == [("door-7", SITE)]
+
+    # an unprovisioned device is pinned to the site of its first message
+    first, other = (
+        event(device="door-8", seq=1),
+        AttendanceEvent.from_json(as_object(event(device="door-8", seq=2), site="branch")),
+    )
+    publish_all(
+        edge, [(topics.edge_events("door-8"), first.to_json()), (topics.edge_events("door-8"), other.to_json())]
+    )
+    stats = settled(ingest, 6)
+    assert stats.stored == 2 and stats.rejected["site_mismatch"] == 4
+    assert store.device_site("door-8") == SITE
+
+    # moved by provisioning (another process): the registry is read again before anything is refused
+    store.register_device("door-7", "branch")
+    later = at("branch", 3)
+    publish_all(edge, [(door7, later.to_json())])
+    assert settled(ingest, 7).stored == 3 and later.event_id in stored_ids(store)

@@ -120,9 +120,34 @@ def test_devices_and_report(cli: Cli):
     store.close()
 
     code, out, _ = cli.json("devices", "--json")
-    assert code == EXIT_OK and [(d["device"], d["state"]) for d in out] == [("door-1", "online")]
+    assert code == EXIT_OK and [(d["device"], d["state"], d["sync"]) for d in out] == [
+        ("door-1", "online", "unpublished")
+    ]
     code, lines, _ = cli("devices")
     assert code == EXIT_OK and lines[0].startswith("device") and "door-1" in lines[1]
+
+    # the database restored from a backup at v1 while door-1 holds v3 of the same epoch, door-2 v9 of another
+    store = st.Store.open(str(cli.db))
+    store.record_gallery_version(
+        SITE,
+        store.next_gallery_version(SITE),
+        fingerprint="fp",
+        count=1,
+        people=1,
+        blob_sha256="0" * 64,
+        manifest={},
+        epoch=1000,
+    )
+    store.upsert_device_status(st.DeviceStatus("door-1", SITE, "online", now, gallery_version=3, gallery_epoch=1000))
+    store.upsert_device_status(st.DeviceStatus("door-2", SITE, "online", now, gallery_version=9, gallery_epoch=900))
+    store.close()
+    code, out, _ = cli.json("devices", "--json")
+    assert [(d["device"], d["gallery"], d["latest"], d["lag"], d["sync"]) for d in out] == [
+        ("door-1", 3, 1, -2, "ahead"),
+        ("door-2", 9, 1, None, "other_epoch"),
+    ]
+    code, lines, _ = cli("devices")
+    assert "-2  ahead" in lines[1] and "AHEAD" in lines[1] and "older epoch" in lines[2]
 
     code, lines, _ = cli("report", "--date", now.date().isoformat(), "--site", SITE)
     assert code == EXIT_OK and "obama" in lines[1] and len(lines) == 2
@@ -175,3 +200,37 @@ def test_config_errors_and_unreachable_broker(cli: Cli):
     cli.write_config(f"mqtt://127.0.0.1:{free_port()}")
     code, _, err = cli("publish", "--timeout", "1")
     assert code == EXIT_BROKER and "not reachable" in err
+
+
+def _first_start(key: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    # a child process: what `enrollment-server init` / `serve` does with the key at its first start
+    from enrollment_server import components
+    from enrollment_server.config import config_from_dict
+
+    cfg = config_from_dict({"gallery": {"signing_key": key}})
+    barrier.wait()
+    results.put(components.signer_for(cfg, create=True).key_id)
+
+
+def test_two_first_starts_at_once_end_with_one_signing_key(tmp_path: Path) -> None:
+    """Two server processes starting on an empty key volume (compose's `init` racing `serve`, two replicas):
+    both must sign with the key that ends up on disk, or the edges refuse one of them forever."""
+    import multiprocessing
+
+    from models.contract.signing import Signer
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        key = tmp_path / f"try{attempt}" / "keys" / "gallery.pem"
+        barrier, results = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_first_start, args=(str(key), barrier, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        ids = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        on_disk = Signer.load(key).key_id
+        assert ids == [on_disk] * 3, f"attempt {attempt}: processes signed with {ids}, the file holds {on_disk}"
+        pub = key.with_suffix(".pub.pem").read_text()
+        assert Signer.load(key).verifier.public_pem() == pub
+        assert sorted(p.name for p in key.parent.iterdir()) == ["gallery.pem", "gallery.pub.pem"]  # no temp files

@@ -92,6 +92,7 @@ class Figures:
         self.calls = 0
         self.fail = False
         self.gallery_version: int | None = 3
+        self.gallery_epoch: int | None = 1_767_225_600_000
 
     def __call__(self) -> dict[str, Any]:
         self.calls += 1
@@ -128,6 +129,7 @@ def make_edge(mosquitto, mqtt_links) -> Iterator[Callable[..., Edge]]:
             health=figures,
             gallery_version=lambda: figures.gallery_version,
             config=StatusConfig(**{"interval_s": 60.0, "min_interval_s": 0.2, **config}),
+            gallery_epoch=lambda: figures.gallery_epoch,
         )
         reporter.start()
         edge = Edge(link, reporter, figures)
@@ -146,6 +148,7 @@ def test_online_is_retained_with_health_figures_for_a_later_subscriber(mosquitto
     status = retained(mosquitto, mqtt_links)
     assert (status.state, status.device_id, status.site) == ("online", DEVICE, SITE)
     assert (status.agent_version, status.fingerprint, status.gallery_version) == (VERSION, FP, 3)
+    assert status.gallery_epoch == 1_767_225_600_000  # the release the server compares with its own (lag)
     health = json.loads(status.to_json())["health"]
     assert health["cameras"] == {
         "front": {"fps": 12.5, "state": "streaming"},

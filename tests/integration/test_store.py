@@ -445,6 +445,92 @@ def test_device_status_acks_and_lag(store: Store) -> None:
     assert len(store.list_acks(site_id="hq")) == 4
 
 
+def test_gallery_epochs_order_releases_and_lag_says_ahead_or_other_epoch(store: Store) -> None:
+    """Versions count within a database; epochs grow when a server cannot prove it continues that count (a
+    restored or moved database). Lag compares releases: never clamped at 0, negative when ahead, none across
+    epochs this database never recorded."""
+    store.ensure_site("hq")
+
+    def record(epoch: int) -> int:
+        version = store.next_gallery_version("hq")
+        store.record_gallery_version(
+            "hq", version, fingerprint=FP, count=1, people=1, blob_sha256=_sha(version), manifest={}, epoch=epoch
+        )
+        return version
+
+    assert [record(1_000) for _ in range(3)] == [1, 2, 3]
+    assert [record(2_000) for _ in range(2)] == [4, 5]
+    assert store.latest_gallery_version("hq").release == (2_000, 5)
+    assert [g.release for g in store.list_gallery_versions("hq")][:3] == [(2_000, 5), (2_000, 4), (1_000, 3)]
+    with pytest.raises(StoreValueError, match="epoch"):
+        store.record_gallery_version(
+            "hq", 5, fingerprint=FP, count=1, people=1, blob_sha256=_sha(9), manifest={}, epoch=-1
+        )
+
+    t0 = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
+    cases = {
+        "door-current": (5, 2_000),  # the newest release
+        "door-behind": (2, 1_000),  # a recorded release of an older epoch: the count runs on
+        "door-ahead": (7, 2_000),  # same epoch, a version this database never reached (restored from a backup)
+        "door-newer": (1, 3_000),  # a newer epoch this database never recorded (another server, a replaced db)
+        "door-other": (57, 500),  # an older epoch this database never recorded: no count applies
+        "door-old-edge": (3, None),  # a 1.0 edge: versions only
+    }
+    for device, (version, epoch) in cases.items():
+        store.upsert_device_status(
+            DeviceStatus(device, "hq", "online", t0, gallery_version=version, gallery_epoch=epoch)
+        )
+    store.upsert_device_status(DeviceStatus("door-none", "hq", "online", t0))
+    got = {d.device_id: (d.lag, d.sync) for d in store.list_devices("hq")}
+    assert got == {
+        "door-current": (0, "current"),
+        "door-behind": (3, "behind"),
+        "door-ahead": (-2, "ahead"),
+        "door-newer": (None, "ahead"),
+        "door-other": (None, "other_epoch"),
+        "door-old-edge": (2, "behind"),
+        "door-none": (5, "behind"),
+    }
+    store.ensure_site("lab")
+    store.upsert_device_status(DeviceStatus("door-lab", "lab", "online", t0, gallery_version=1, gallery_epoch=1))
+    assert [(d.lag, d.sync) for d in store.list_devices("lab")] == [(None, "unpublished")]
+
+    # acks move the applied release forward by (epoch, version): a new epoch's v2 after an old epoch's v57
+    store.record_ack("door-x", "hq", 57, ok=True, epoch=1_000)
+    store.record_ack("door-x", "hq", 2, ok=True, epoch=2_000)
+    store.record_ack("door-x", "hq", 58, ok=True, epoch=1_000)  # redelivered from the old epoch: no rollback
+    (door,) = [d for d in store.list_devices("hq") if d.device_id == "door-x"]
+    assert (door.gallery_version, door.gallery_epoch) == (2, 2_000)
+    assert [(a.version, a.epoch) for a in store.list_acks(device_id="door-x")] == [(58, 1_000), (2, 2_000), (57, 1_000)]
+
+
+def test_a_schema_1_database_gets_the_epoch_columns_and_keeps_its_rows(store: Store, db: Db) -> None:
+    store.ensure_site("hq")
+    version = store.next_gallery_version("hq")
+    store.record_gallery_version("hq", version, fingerprint=FP, count=1, people=1, blob_sha256=_sha(1), manifest={})
+    store.record_ack("door-1", "hq", version, ok=True)
+    store.close()
+    engine = db.engine()
+    try:  # back to what schema 1 had
+        with engine.begin() as conn:
+            for table, column in (
+                ("gallery_versions", "epoch"),
+                ("devices", "gallery_epoch"),
+                ("gallery_acks", "epoch"),
+            ):
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+            conn.execute(schema.schema_version.delete().where(schema.schema_version.c.version > 1))
+    finally:
+        engine.dispose()
+    with Store.open(db.url) as upgraded:
+        assert upgraded.schema_version() == schema.LATEST_VERSION
+        assert upgraded.latest_gallery_version("hq").release == (0, 1)
+        (door,) = upgraded.list_devices("hq")
+        assert (door.gallery_version, door.gallery_epoch, door.lag, door.sync) == (1, None, 0, "current")
+        upgraded.record_ack("door-1", "hq", 2, ok=True, epoch=5)
+        assert upgraded.list_acks(device_id="door-1")[0].epoch == 5
+
+
 # --- attendance -------------------------------------------------------------------------------------------------
 
 

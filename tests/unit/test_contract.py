@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from models.contract import limits, topics
-from models.contract.assembler import GalleryAssembler
+from models.contract.assembler import GalleryAssembler, Verified
 from models.contract.codec import SCHEMA_VERSION, canonical_json
 from models.contract.events import AttendanceEvent, EventsStored, new_event
 from models.contract.gallery import (
@@ -42,6 +42,7 @@ from models.errors import (
     PayloadError,
     SchemaVersionError,
     SignatureError,
+    StaleGalleryError,
     TopicError,
 )
 
@@ -759,8 +760,8 @@ def test_manifest_from_another_key_is_refused():
 
 
 class Publication:
-    def __init__(self, signer: Signer, version: int, chunk_size: int = 64, seed: int = 0, fp: str = FP):
-        g = dataclasses.replace(make_gallery(version=version, seed=seed, n=10, dim=16), fingerprint=fp)
+    def __init__(self, signer: Signer, version: int, chunk_size: int = 64, seed: int = 0, fp: str = FP, epoch: int = 0):
+        g = dataclasses.replace(make_gallery(version=version, seed=seed, n=10, dim=16), fingerprint=fp, epoch=epoch)
         self.gallery = g
         self.manifest, self.chunks = build_publication(g, signer, chunk_size=chunk_size)
         assert self.manifest.chunk_count >= 4
@@ -855,14 +856,17 @@ def test_assembler_refuses_other_site(signer):
         asm.feed(topics.edge_events("door-1"), b"{}")
 
 
-def test_assembler_older_version_ignored_newer_replaces(signer, caplog):
+def test_assembler_older_version_refused_newer_replaces(signer):
     v1, v2, v3 = (Publication(signer, v, seed=v) for v in (1, 2, 3))
     asm = GalleryAssembler(signer.verifier, FP, SITE)
     assert same(feed_all(asm, [v2.manifest_msg(), *v2.chunk_msgs()])[0], v2.gallery)
-    # stale v1 retained messages arriving late change nothing
-    with caplog.at_level(logging.DEBUG, logger="models.contract.assembler"):
-        assert feed_all(asm, [*v1.chunk_msgs(), v1.manifest_msg()]) == []
-    assert "v2 in service" in caplog.text
+    # a stale v1 arriving late changes nothing, and says so (the edge acks it as an error, never silently)
+    assert feed_all(asm, v1.chunk_msgs()) == []
+    with pytest.raises(StaleGalleryError, match=r"v1 \(epoch 0\) .* older than v2 \(epoch 0\) in service"):
+        asm.feed(*v1.manifest_msg())
+    assert asm.completed_version == 2 and asm.pending_version is None
+    # the release in service, replayed: quietly nothing
+    assert asm.feed(*v2.manifest_msg()) is None
     # v3's chunks first (as the server publishes them), then its manifest
     done = feed_all(asm, [*v3.chunk_msgs(), v3.manifest_msg()])
     assert len(done) == 1 and same(done[0], v3.gallery) and asm.completed_version == 3
@@ -887,8 +891,67 @@ def test_assembler_newer_manifest_mid_assembly(signer):
 
 def test_assembler_starts_from_current_version(signer):
     pub = Publication(signer, 4)
-    asm = GalleryAssembler(signer.verifier, FP, SITE, current_version=4)
+    current = Verified(pub.manifest, pub.manifest.to_json(), pub.gallery)
+    asm = GalleryAssembler(signer.verifier, FP, SITE, current=current)
     assert feed_all(asm, [pub.manifest_msg(), *pub.chunk_msgs()]) == []
+    assert asm.completed is current
+
+
+def test_a_new_epoch_supersedes_any_version_of_an_older_one_and_older_releases_are_refused(signer):
+    """A restored (or moved) server database counts versions from its backup again, under a new epoch: the edge
+    must take the new epoch's v3 after the old epoch's v57, and still refuse replays of either epoch's past."""
+    old_57 = Publication(signer, 57, seed=1, epoch=1_700_000_000_000)
+    old_56 = Publication(signer, 56, seed=2, epoch=1_700_000_000_000)
+    new_3 = Publication(signer, 3, seed=3, epoch=1_760_000_000_000)
+    new_2 = Publication(signer, 2, seed=4, epoch=1_760_000_000_000)
+    asm = GalleryAssembler(signer.verifier, FP, SITE)
+    assert same(feed_all(asm, [old_57.manifest_msg(), *old_57.chunk_msgs()])[0], old_57.gallery)
+    with pytest.raises(StaleGalleryError, match=r"v56 \(epoch 1700000000000\) .* older than v57"):
+        asm.feed(*old_56.manifest_msg())
+
+    done = feed_all(asm, [new_3.manifest_msg(), *new_3.chunk_msgs()])
+    assert len(done) == 1 and same(done[0], new_3.gallery) and done[0].release == (1_760_000_000_000, 3)
+    for replay in (old_57, new_2):  # the old epoch's newest, and the new epoch's past
+        with pytest.raises(StaleGalleryError, match="older than v3"):
+            asm.feed(*replay.manifest_msg())
+    assert asm.completed.manifest.release == (1_760_000_000_000, 3)
+
+
+def test_a_1_0_manifest_without_epoch_is_read_as_epoch_0_and_any_epoch_supersedes_it(signer):
+    pub = Publication(signer, 9, seed=1)
+    wire = {k: v for k, v in pub.manifest.to_object().items() if k not in ("epoch", "signature")}
+    wire["schema_version"] = "1.0"
+    wire["signature"] = signer.sign_b64(signed_bytes(wire))
+    old_server = json.dumps(wire).encode()
+    asm = GalleryAssembler(signer.verifier, FP, SITE)
+    done = feed_all(asm, [(topics.gallery_manifest(SITE), old_server), *pub.chunk_msgs()])
+    assert len(done) == 1 and done[0].release == (0, 9) and asm.completed.manifest_bytes == old_server
+    upgraded = Publication(signer, 1, seed=2, epoch=1_760_000_000_000)  # the upgraded server's first version
+    assert len(feed_all(asm, [upgraded.manifest_msg(), *upgraded.chunk_msgs()])) == 1
+
+
+def test_a_newer_release_of_the_content_in_service_is_taken_over_without_chunks(signer):
+    """A restarted server publishes the same people under a new epoch: the edge needs no download for that."""
+    v5 = Publication(signer, 5, seed=1, epoch=10)
+    asm = GalleryAssembler(signer.verifier, FP, SITE)
+    assert len(feed_all(asm, [v5.manifest_msg(), *v5.chunk_msgs()])) == 1
+    restarted = dataclasses.replace(v5.gallery, version=6, epoch=20)
+    manifest, _ = build_publication(restarted, signer, chunk_size=64)
+    assert manifest.blob_sha256 == v5.manifest.blob_sha256
+    got = asm.feed(topics.gallery_manifest(SITE), manifest.to_json())
+    assert got is not None and got.release == (20, 6) and same(got, restarted) and asm.pending is None
+    assert asm.completed.manifest.release == (20, 6) and asm.completed.manifest_bytes == manifest.to_json()
+
+
+def test_missing_chunks_are_listed_for_a_pending_manifest(signer):
+    pub = Publication(signer, 1)
+    asm = GalleryAssembler(signer.verifier, FP, SITE)
+    assert asm.missing_chunks() == [] and asm.received_chunks == 0
+    asm.feed(*pub.manifest_msg())
+    chunks = pub.chunk_msgs()
+    feed_all(asm, chunks[1:3])
+    assert asm.missing_chunks() == [0, *range(3, len(chunks))] and asm.received_chunks == 2
+    assert len(feed_all(asm, [chunks[0], *chunks[3:]])) == 1 and asm.missing_chunks() == []
 
 
 def test_assembler_pool_is_bounded(signer, caplog):
@@ -966,14 +1029,23 @@ def golden_signer() -> Signer:
 def golden_gallery() -> Gallery:
     emb = (np.arange(3 * 4, dtype=np.float32).reshape(3, 4) - 5.5) / 8  # exact in float32 and float16
     people = (GalleryPerson("p-0001", "Ada Lovelace"), GalleryPerson("p-0002", "Émile Zoë"))
-    return Gallery(SITE, 7, FP, "euclidean", "float16", emb, np.array([0, 1, 1]), people)
+    # epoch 2026-01-01T00:00:00Z in ms (1.1); a 1.0 folder's manifest has none and decodes as epoch 0
+    return Gallery(SITE, 7, FP, "euclidean", "float16", emb, np.array([0, 1, 1]), people, epoch=1_767_225_600_000)
 
 
 def golden_payloads() -> dict[str, bytes]:
     manifest, chunks = build_publication(
         golden_gallery(), golden_signer(), chunk_size=32, created="2026-01-02T03:00:00Z"
     )
-    ack = GalleryAck(device_id="door-1", site=SITE, version=7, status="ok", error=None, ts="2026-01-02T03:04:06Z")
+    ack = GalleryAck(
+        device_id="door-1",
+        site=SITE,
+        version=7,
+        status="ok",
+        error=None,
+        ts="2026-01-02T03:04:06Z",
+        epoch=1_767_225_600_000,
+    )
     return {
         "attendance_event.json": event().to_json(),
         "attendance_event_unknown.json": event(
@@ -985,7 +1057,7 @@ def golden_payloads() -> dict[str, bytes]:
             margin=None,
             snapshot=None,
         ).to_json(),
-        "edge_status.json": status().to_json(),
+        "edge_status.json": status(gallery_epoch=1_767_225_600_000).to_json(),
         "edge_status_offline.json": status(state="offline", gallery_version=None, health={}).to_json(),
         "gallery_ack.json": ack.to_json(),
         "events_stored.json": stored().to_json(),
@@ -1022,6 +1094,14 @@ def test_every_older_golden_of_this_major_still_decodes(folder: Path):
         assert json.loads((folder / name).read_bytes())["schema"] == cls.SCHEMA and decoded is not None, name
     event = AttendanceEvent.from_json((folder / "attendance_event.json").read_bytes())
     assert event.event_id and event.person_id and event.device_id
+    # fields a minor version added read as their defaults from an older folder
+    manifest = GalleryManifest.from_json((folder / "gallery_manifest.json").read_bytes())
+    ack = GalleryAck.from_json((folder / "gallery_ack.json").read_bytes())
+    edge = EdgeStatus.from_json((folder / "edge_status.json").read_bytes())
+    if folder.name == "1.0":
+        assert (manifest.epoch, ack.epoch, edge.gallery_epoch) == (0, None, None)
+    else:
+        assert manifest.release == (1_767_225_600_000, 7) and ack.epoch == edge.gallery_epoch == manifest.epoch
 
 
 def _minor(version: str) -> int:

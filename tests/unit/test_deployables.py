@@ -84,7 +84,7 @@ def test_the_shared_core_imports_without_either_deployable():
 
 
 def test_the_probe_really_refuses():
-    done = _probe(("hnswlib",), ["edge_agent.gallery.index"])
+    done = _probe(("hnswlib",), ["edge_agent.gallery.ann"])
     assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
 
 

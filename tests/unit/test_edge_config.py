@@ -15,7 +15,7 @@ from edge_agent.recognition.recognizer import DEFAULT_RULE
 from edge_agent.systemd_notify import notify
 from models.contract.signing import Signer
 from models.decision.rules import DecisionRule
-from models.errors import ConfigError
+from models.errors import ConfigError, ContractError
 from models.training.calibration import parse_decision_fragment
 
 
@@ -178,3 +178,38 @@ def test_systemd_notify_reaches_the_socket_and_is_silent_without_one(
         assert server.recv(64) == b"READY=1" and server.recv(64) == b"WATCHDOG=1"
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     assert notify("WATCHDOG=1") is False  # logged, never raised
+
+
+def test_a_camera_name_the_event_contract_cannot_carry_is_refused_by_check_config(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every attendance event carries its camera's name; a name longer than the contract allows would make the
+    codec refuse every event of that camera, so the config must refuse it first, naming the key."""
+    from models.contract import limits
+    from models.contract.events import new_event
+
+    longest = "c" * limits.MAX_CAMERA_CHARS
+    data = minimal()
+    data["cameras"] = [{"name": longest, "source": "door.avi"}]
+    assert config_from_dict(data, site).cameras[0].name == longest
+    data["cameras"] = [{"name": "x", "source": "door.avi"}, {"name": longest + "s", "source": "door.avi"}]
+    with pytest.raises(ConfigError, match=r"cameras\[1\]\.name: .*65 characters.*at most 64"):
+        config_from_dict(data, site)
+    assert main(["check-config", str(write(site, data))]) == 2
+    assert "cameras[1].name" in capsys.readouterr().err
+    # what the codec would have done with every event of that camera
+    with pytest.raises(ContractError, match="camera"):
+        new_event(
+            seq=1,
+            device_id="door-1",
+            site="hq",
+            camera=longest + "s",
+            track_id=1,
+            person_id=None,
+            name=None,
+            distance=None,
+            margin=None,
+            threshold=0.5,
+            gallery_version=0,
+            fingerprint="fp",
+        )

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from edge_agent.gallery.ann import GRAPH_FILE, SIDECAR_FILE, AnnBuilder, HnswStage
 from edge_agent.gallery.index import SAVED_FILE, GalleryIndex, GalleryStore, IndexHolder, IndexParams
 from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes
 from models.contract.signing import Signer
@@ -71,8 +72,10 @@ def reference(gallery: Gallery, probes: np.ndarray) -> Neighbours:
 def test_exact_and_hnsw_paths_agree_on_a_10k_gallery_and_rerank_gives_exact_distances(synthetic_10k):
     gallery, centres = synthetic_10k
     exact = GalleryIndex.build(gallery)
-    ann = GalleryIndex.build(gallery, IndexParams(exact_max_templates=0))
-    assert exact.exact and not ann.exact
+    stage = HnswStage.build(exact.vectors, IndexParams())
+    assert stage is not None
+    ann = exact.with_stage(stage, 0.0)
+    assert exact.exact and not ann.exact and ann.vectors is exact.vectors  # nothing copied
     probes = probes_near(centres, 500, seed=1)
     ref = reference(gallery, probes)
 
@@ -169,6 +172,91 @@ def test_holder_swaps_one_reference():
     taken = holder.current  # what a reader holds for its batch
     assert holder.swap(b) is a and holder.current is b
     assert taken.version == 1  # the reader's batch keeps the index it started with
+    # a background upgrade of `a` must not undo the newer `b`
+    assert not holder.replace(a, a) and holder.current is b
+    assert holder.replace(b, a) and holder.current is a
+
+
+# --- the hnswlib stage in the background, and on disk ------------------------------------------------------------
+
+
+def test_a_big_gallery_serves_exact_at_once_and_gets_its_graph_in_the_background_then_from_disk(
+    tmp_path, synthetic_10k
+):
+    gallery, centres = synthetic_10k
+    params = IndexParams(exact_max_templates=5_000)
+    probes = probes_near(centres, 200, seed=2)
+    ref = reference(gallery, probes)
+    holder = IndexHolder()
+    exact = GalleryIndex.build(gallery)
+    holder.swap(exact)
+    builder = AnnBuilder(holder, tmp_path, params)
+    try:
+        builder.use(exact, "a" * 64)
+        assert list(exact.search(probes, k=2).neighbours.label1) == list(ref.label1)  # serving meanwhile
+        assert builder.wait_idle(120.0)
+        upgraded = holder.current
+        assert upgraded is not exact and not upgraded.exact and upgraded.release == exact.release
+        assert builder.status().state == "hnswlib"
+        assert (upgraded.search(probes, k=2).neighbours.label1 == ref.label1).mean() >= 0.99
+        assert sorted(os.listdir(tmp_path)) == [GRAPH_FILE, SIDECAR_FILE]
+    finally:
+        builder.stop(10.0)
+
+    # a restart: the graph comes from disk, checked against the gallery it was built from
+    holder2 = IndexHolder(GalleryIndex.build(gallery))
+    restarted = AnnBuilder(holder2, tmp_path, params)
+    try:
+        restarted.use(holder2.current, "a" * 64)
+        assert restarted.wait_idle(60.0) and not holder2.current.exact
+        loaded_in = restarted.status().seconds
+        assert loaded_in is not None
+    finally:
+        restarted.stop(10.0)
+    got = holder2.current.search(probes, k=2).neighbours
+    np.testing.assert_array_equal(got.label1, upgraded.search(probes, k=2).neighbours.label1)
+
+    # a graph whose file does not hash to its record is rebuilt, never handed to hnswlib
+    graph = tmp_path / GRAPH_FILE
+    damaged = bytearray(graph.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    graph.write_bytes(bytes(damaged))
+    holder3 = IndexHolder(GalleryIndex.build(gallery))
+    rebuilt = AnnBuilder(holder3, tmp_path, params)
+    try:
+        rebuilt.use(holder3.current, "a" * 64)
+        assert rebuilt.wait_idle(120.0) and not holder3.current.exact
+        assert json.loads((tmp_path / SIDECAR_FILE).read_text())["blob_sha256"] == "a" * 64
+        # a new gallery (small: exact only) deletes the graph: it holds the old gallery's vectors
+        small = GalleryIndex.build(make_gallery(np.eye(3, DIM, dtype=np.float32), np.arange(3), 3, version=2))
+        holder3.swap(small)
+        rebuilt.use(small, "b" * 64)
+        assert rebuilt.wait_idle(10.0) and os.listdir(tmp_path) == []
+        assert holder3.current is small and rebuilt.status().state == "exact"
+    finally:
+        rebuilt.stop(10.0)
+
+
+def test_a_newer_gallery_abandons_a_graph_build_in_hand(tmp_path, synthetic_10k):
+    gallery, _ = synthetic_10k
+    holder = IndexHolder()
+    old = GalleryIndex.build(gallery)
+    holder.swap(old)
+    builder = AnnBuilder(holder, tmp_path, IndexParams(exact_max_templates=0))
+    try:
+        builder.use(old, "a" * 64)
+        new = GalleryIndex.build(make_gallery(np.eye(3, DIM, dtype=np.float32), np.arange(3), 3, version=2))
+        holder.swap(new)
+        builder.use(new, "b" * 64)
+        assert builder.wait_idle(120.0)
+        current = holder.current
+        assert current.version == 2  # the old gallery's graph never replaced the newer gallery
+        assert (
+            not (tmp_path / SIDECAR_FILE).exists()
+            or json.loads((tmp_path / SIDECAR_FILE).read_text())["blob_sha256"] == "b" * 64
+        )
+    finally:
+        builder.stop(10.0)
 
 
 # --- the saved gallery --------------------------------------------------------------------------------------------
