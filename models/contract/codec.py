@@ -3,7 +3,7 @@
 Envelope rules (DESIGN.md, "Wire contract"):
 
 - every payload is a UTF-8 JSON object with `schema` (e.g. "faceattend.attendance_event") and `schema_version`
-  ("MAJOR.MINOR", written as "1.0");
+  ("MAJOR.MINOR", written as "1.1": 1.1 added the unknown visitor's face, `models.contract.unknown_face`);
 - a reader checks the size first (a per-kind limit, before any parsing), then UTF-8, JSON (no NaN / Infinity,
   no duplicate keys), object, `schema`;
 - major version 1 is accepted with any minor (a 1.x writer may add optional fields); another major is refused
@@ -36,7 +36,7 @@ from models.contract import timestamps
 from models.contract.topics import validate_id
 from models.errors import PayloadError, SchemaVersionError, TopicError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")

@@ -9,6 +9,8 @@ readers can run side by side. Layout:
     faceattend/v1/edge/{device}/events              edge -> consumers, not retained
     faceattend/v1/edge/{device}/stylized            edge -> consumers, not retained (a snapshot painted offline)
     faceattend/v1/edge/{device}/gallery/ack         edge -> server
+    faceattend/v1/edge/{device}/unknown             edge -> server only, not retained (an unknown visitor's face
+                                                    crop and embedding; sent only where the site opted in)
 
 Site and device ids are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`: never empty, never a wildcard (`+`, `#`) or a level
 separator (`/`), so an id can neither widen a subscription nor move a message to another topic.
@@ -36,6 +38,7 @@ class TopicKind(str, enum.Enum):
     EDGE_EVENTS = "edge_events"
     GALLERY_ACK = "gallery_ack"
     EDGE_STYLIZED = "edge_stylized"
+    EDGE_UNKNOWN = "edge_unknown"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ def edge_stylized(device: str) -> str:
     return f"{ROOT}/edge/{validate_id(device, 'device')}/stylized"
 
 
+def edge_unknown(device: str) -> str:
+    return f"{ROOT}/edge/{validate_id(device, 'device')}/unknown"
+
+
 # Subscription filters.
 ALL_EDGE_EVENTS = f"{ROOT}/edge/+/events"
 ALL_EDGE_STATUS = f"{ROOT}/edge/+/status"
@@ -95,6 +102,8 @@ ALL_GALLERY_ACKS = f"{ROOT}/edge/+/gallery/ack"
 SERVER_FILTERS = (ALL_EDGE_EVENTS, ALL_EDGE_STATUS, ALL_GALLERY_ACKS)
 # not among the server's: stylised snapshots are for whoever shows them (a lobby screen, a gallery page)
 ALL_EDGE_STYLIZED = f"{ROOT}/edge/+/stylized"
+# the server's alone (its visitor ingest): faces of people nobody enrolled are never given to consumers
+ALL_EDGE_UNKNOWN = f"{ROOT}/edge/+/unknown"
 
 
 def site_gallery_filter(site: str) -> str:
@@ -130,4 +139,6 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.GALLERY_ACK, device=device)
         if rest == ["stylized"]:
             return ParsedTopic(TopicKind.EDGE_STYLIZED, device=device)
+        if rest == ["unknown"]:
+            return ParsedTopic(TopicKind.EDGE_UNKNOWN, device=device)
     raise TopicError(f"topic {topic!r} is not a faceattend contract topic")

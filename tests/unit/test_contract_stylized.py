@@ -79,7 +79,7 @@ def test_round_trip_and_envelope():
     msg = message()
     raw = msg.to_json()
     obj = json.loads(raw)
-    assert obj["schema"] == SCHEMA == "faceattend.stylized_snapshot" and obj["schema_version"] == "1.0"
+    assert obj["schema"] == SCHEMA == "faceattend.stylized_snapshot" and obj["schema_version"] == SCHEMA_VERSION
     assert set(obj) == {f.name for f in dataclasses.fields(StylizedSnapshot)} | {"schema", "schema_version"}
     assert StylizedSnapshot.from_json(raw) == msg
     assert len(raw) < 1024  # references, never image bytes
