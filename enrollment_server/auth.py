@@ -163,8 +163,8 @@ class AdminAuth:
 
 
 def check_origin(request: Request) -> None:
-    """A browser's `Origin` (sent with every POST) must be this server's own; requests without one (non-browser
-    clients) pass, they cannot carry a victim's cookie anyway."""
+    """A browser's `Origin` (sent with every POST) must be this server's own (`null`, an origin the browser will not
+    disclose, is refused too); requests without one (non-browser clients) pass, they carry no victim's cookie."""
     origin = request.headers.get("origin")
     if origin is None:
         return

@@ -8,8 +8,9 @@
   the console works on a site without internet).
 
 Every response carries a strict Content-Security-Policy (scripts, styles and images from this server only, no
-inline script, no framing), `Referrer-Policy: no-referrer` and `X-Content-Type-Options: nosniff`; pages are not
-cached.
+inline script, no framing), `Referrer-Policy: same-origin` (no console URL leaves the site; within it the browser
+keeps sending its real `Origin`, which the CSRF check reads: under `no-referrer` a form post says `Origin: null`) and
+`X-Content-Type-Options: nosniff`; pages are not cached.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SECURITY_HEADERS = {
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }

@@ -120,7 +120,7 @@ def test_login_exchanges_the_token_for_a_strict_http_only_cookie(sqlite_store: S
     for r in (page, client.get("/console/login"), client.get("/console/static/console.js")):
         csp = r.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
-        assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "same-origin" and r.headers["x-content-type-options"] == "nosniff"
     assert page.headers["cache-control"] == "no-store"
 
 
@@ -132,6 +132,8 @@ def test_state_changes_through_the_cookie_need_the_csrf_token_and_the_same_origi
     assert wrong.status_code == 403
     foreign = console.post("/people", json=body, headers={"Origin": "https://evil.example"})
     assert foreign.status_code == 403 and "origin" in foreign.json()["detail"]
+    # what a browser sends for a page whose origin it will not disclose (sandboxed frame, no-referrer page)
+    assert console.post("/people", json=body, headers={"Origin": "null"}).status_code == 403
     assert console.post("/people", json=body, headers={"Origin": BASE}).status_code == 201
     # reading needs no CSRF token; a bearer client needs none either (it sends no cookie a page could ride on)
     assert console.get("/people").status_code == 200

@@ -42,7 +42,7 @@
         el("span", { class: "muted small" }, `A door is stale when it says online but the server has not heard from it for ${Math.round(data.stale_after_s)} s. Refreshed every 5 s.`),
         el("span", { class: "grow" }), toggle),
       el("div", { class: "panel table-wrap" }, doors.length ? table(doors) : el("div", { class: "empty" }, el("h3", {}, "No door has reported yet"),
-        el("p", {}, "Doors appear when their edge agent connects to the broker and publishes its status.")))),
+        el("p", {}, "Doors appear when their edge agent connects to the broker and publishes its status."))),
     );
   }
 

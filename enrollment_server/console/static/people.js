@@ -158,9 +158,13 @@
         files.map((f, i) => {
           const verdict = report && report.photos[i];
           const state = verdict ? (verdict.accepted ? "accepted" : "rejected") : "";
-          const why = verdict
-            ? verdict.accepted ? "Enrolled" : `${FA.reasonText(verdict.reason)}: ${verdict.message}`
-            : `${Math.round(f.size / 1024)} KB`;
+          const why = !verdict
+            ? `${Math.round(f.size / 1024)} KB`
+            : verdict.accepted
+              ? "Enrolled"
+              : verdict.reason === "probable_duplicate_identity"
+                ? `Looks like ${verdict.matched_person} (distance ${verdict.distance.toFixed(3)}): see below`
+                : `${FA.reasonText(verdict.reason)}: ${verdict.message}`;
           return el(
             "div",
             { class: `photo-row ${state}`, dataset: { file: f.name } },
@@ -326,7 +330,7 @@
             if (removed) return null;
             const out = await api(`/people/${encodeURIComponent(p.person_id)}`, { method: "DELETE" });
             removed = true;
-            dlg.querySelector(".btn.danger").disabled = true;
+            dlg.querySelector(".btn.danger").remove(); // done: nothing more to remove
             await load(FA.content());
             const gallery = await api(`/sites/${encodeURIComponent(FA.site())}/gallery`);
             clear(steps, el("li", {}, el("span", { class: "badge ok" }, "removed"),

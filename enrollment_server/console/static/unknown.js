@@ -64,7 +64,6 @@
       el("img", { src: FA.apiUrl(`/visitors/faces/${f.id}/crop`), alt: `face seen at ${f.door}`, title: `${f.door}, ${FA.fmtDateTime(f.ts)} (quality ${f.quality.toFixed(2)})` }),
     );
     if (g.size > 4) crops.push(el("div", { class: "more" }, `+${g.size - 3}`));
-    while (crops.length < 4) crops.push(el("div", { class: "more" }, ""));
     const seen = g.size === 1 ? "Seen once" : `Seen ${g.size} times`;
     const span = g.size === 1 ? FA.fmtDateTime(g.last_seen) : `${FA.fmtDateTime(g.first_seen)} – ${FA.fmtDateTime(g.last_seen)}`;
     const hint = g.nearest_person
@@ -74,7 +73,7 @@
     return el(
       "div",
       { class: "group", dataset: { group: g.key } },
-      el("div", { class: "crops" }, crops),
+      el("div", { class: `crops n${crops.length}` }, crops),
       el("div", { class: "body" },
         el("div", { class: "title" }, el("span", {}, `Visitor #${g.key}`), el("span", { class: "badge plain info" }, seen)),
         el("div", { class: "facts" }, span),
