@@ -97,6 +97,11 @@ def cluster(embeddings: np.ndarray, threshold: float) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
+def _best_first(faces: Sequence[StoredUnknownFace]) -> list[StoredUnknownFace]:
+    """The edge's quality weight first, then the newest, then the id (a total order: the same faces, the same list)."""
+    return sorted(faces, key=lambda s: (-s.face.quality, -s.face.ts.timestamp(), s.id))
+
+
 class Visitors:
     """The unknown visitors of every opted-in site, over one store; named faces are enrolled by `enroller`."""
 
@@ -123,7 +128,7 @@ class Visitors:
         return sorted(out, key=lambda g: (g.last_seen, g.key), reverse=True)
 
     def _group(self, site: str, members: list[StoredUnknownFace], gallery: SiteEmbeddings) -> VisitorGroup:
-        ranked = sorted(members, key=lambda s: (-s.face.quality, -s.face.ts.timestamp(), s.id))
+        ranked = _best_first(members)
         doors: dict[str, int] = {}
         for s in members:
             door = f"{s.face.device_id}/{s.face.camera}"
@@ -198,7 +203,7 @@ class Visitors:
         self, site: str, face_ids: Sequence[int], person_id: str, name: str, *, allow_duplicate_identity: bool
     ) -> VisitorAction:
         members = self._members(site, face_ids)
-        best = sorted(members, key=lambda s: (-s.face.quality, -s.face.ts.timestamp(), s.id))[: self.config.best_crops]
+        best = _best_first(members)[: self.config.best_crops]
         crops = self.store.unknown_face_crops([m.id for m in best])
         photos = [
             (f"face {m.id} ({m.face.device_id}/{m.face.camera}, {m.face.ts:%Y-%m-%d %H:%M})", crops[m.id])
