@@ -230,7 +230,7 @@ def test_enroll_a_person_from_photos_with_the_gate_s_verdict_per_photo(console: 
     assert wait_until(lambda: images_loaded(page, "#people-cards img.avatar"), timeout=10)
     console.shot("02-people")
 
-    no_face = tmp_path / "no-face.png"
+    no_face = tmp_path / "no-face.jpg"
     y, x = np.mgrid[0:240, 0:320]
     no_face.write_bytes(encode_jpeg(np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8), 90))
     jack = enrollment_photos("Jack_Dorsey")

@@ -194,6 +194,11 @@ const FA = (() => {
     probable_duplicate_identity: "Looks like someone enrolled",
   };
   const reasonText = (code) => REASONS[code] || code || "Rejected";
+  // "Too blurred: Laplacian variance 12, need 25"; the message alone when it says no more than the reason
+  function verdictText(code, message) {
+    const reason = reasonText(code);
+    return !message || message.toLowerCase() === reason.toLowerCase() ? reason : `${reason}: ${message}`;
+  }
 
   // ---- the site picker ----
   async function initSites() {
@@ -239,6 +244,6 @@ const FA = (() => {
 
   return {
     api, apiUrl, ApiError, el, clear, toast, failed, dialog, confirmDialog, page, site, onSite, content, tz,
-    fmtTime, fmtDateTime, fmtDay, fmtAgo, secondsSince, localDay, initials, slug, avatar, reasonText,
+    fmtTime, fmtDateTime, fmtDay, fmtAgo, secondsSince, localDay, initials, slug, avatar, reasonText, verdictText,
   };
 })();

@@ -164,7 +164,7 @@
               ? "Enrolled"
               : verdict.reason === "probable_duplicate_identity"
                 ? `Looks like ${verdict.matched_person} (distance ${verdict.distance.toFixed(3)}): see below`
-                : `${FA.reasonText(verdict.reason)}: ${verdict.message}`;
+                : FA.verdictText(verdict.reason, verdict.message);
           return el(
             "div",
             { class: `photo-row ${state}`, dataset: { file: f.name } },

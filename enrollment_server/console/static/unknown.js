@@ -91,7 +91,7 @@
     return el("div", { class: "photos" }, enrollment.photos.map((p) =>
       el("div", { class: `photo-row ${p.accepted ? "accepted" : "rejected"}` },
         el("div", { class: "meta" }, el("div", { class: "file" }, p.source),
-          el("div", { class: "why" }, p.accepted ? "Enrolled" : `${FA.reasonText(p.reason)}: ${p.message}`)),
+          el("div", { class: "why" }, p.accepted ? "Enrolled" : FA.verdictText(p.reason, p.message))),
         el("span", { class: `badge ${p.accepted ? "ok" : "bad"}` }, p.accepted ? "accepted" : "rejected"))));
   }
 
