@@ -12,8 +12,9 @@ single-component discovery message per entity on `<prefix>/<component>/<node_id>
 Home Assistant version with MQTT events understands), abbreviated keys, a `device` block shared by the door's
 entities, an `origin` block, and `unique_id`s. The messages are not retained (no ghost entities once a door is gone):
 they are sent when a door is first heard of (its retained status arrives at connect), when its agent version or site
-changes, and again for every door when Home Assistant's birth message (`<prefix>/status` = `online`) arrives, as the
-documentation recommends.
+changes, again for every door when Home Assistant's birth message (`<prefix>/status` = `online`) arrives, as the
+documentation recommends, and at every reconnection of the server's link (a broker restart reconnects Home Assistant
+too, whose birth message may come before this link has subscribed again).
 
 The server's broker user may publish under `homeassistant/#` and read `homeassistant/status` (deploy/mosquitto/acl);
 a Home Assistant broker user is made by `enrollment-server broker-user --home-assistant`.
@@ -150,6 +151,7 @@ class HomeAssistantDiscovery:
         self.birth_topic = f"{config.prefix}/status"
 
     def start(self) -> None:
+        self._link.add_connection_listener(self._on_connection)
         self._link.subscribe(topics.ALL_EDGE_STATUS, 1, self._on_status)
         self._link.subscribe(self.birth_topic, 1, self._on_birth)
         log.info("Home Assistant discovery under %s/ (birth topic %s)", self._config.prefix, self.birth_topic)
@@ -185,6 +187,10 @@ class HomeAssistantDiscovery:
             self._doors[door.device_id] = door
         if known != door:
             self._announce([door])
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected and self.doors():
+            self._announce(self.doors())
 
     def _on_birth(self, msg: InboundMessage) -> None:
         if msg.payload.strip() != b"online":
