@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +31,7 @@ from edge_agent.config import EdgeConfig
 from edge_agent.delivery.event_publisher import EventPublisher
 from edge_agent.delivery.outbox import Outbox
 from edge_agent.delivery.snapshots import SnapshotStore
+from edge_agent.delivery.unknown_faces import UnknownFaceSharer
 from edge_agent.gallery.index import IndexHolder
 from edge_agent.gallery.sync import GallerySync
 from edge_agent.health.metrics import MetricsServer
@@ -40,6 +40,7 @@ from edge_agent.recognition.attendance import AttendanceGate
 from edge_agent.recognition.latency import LatencyEma
 from edge_agent.recognition.recognizer import TrackDecision
 from edge_agent.recognition.worker import InferenceWorker
+from models import extras
 from models.contract.events import new_event
 from models.contract.mqtt_link import MqttConfig, PahoMqttLink
 from models.contract.signing import Verifier
@@ -53,10 +54,7 @@ REFUSAL_REASONS = ("outbox_full", "outbox_error")
 
 
 def agent_version() -> str:
-    try:
-        return metadata.version("faceattend")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return extras.distribution_version()
 
 
 def _readable(key: str, path: Path | None) -> None:
@@ -136,6 +134,7 @@ class EdgeAgent:
         self.outbox: Outbox | None = None
         self.holder = IndexHolder()
         self.snapshots: SnapshotStore | None = None
+        self.unknown_faces: UnknownFaceSharer | None = None  # only when the site shares unknown visitors' faces
         self.gate = AttendanceGate(cfg.attendance)
         self._parts: dict[str, Any] = {}  # started parts by name, stopped in _STOP_ORDER
 
@@ -195,6 +194,9 @@ class EdgeAgent:
             params=cfg.gallery.index,
         )
         self.publisher = EventPublisher(self.outbox, self.link, cfg.device_id, delivery=cfg.delivery)
+        if cfg.unknown_faces.share:
+            self.unknown_faces = UnknownFaceSharer(cfg.unknown_faces, self.link, cfg.device_id, cfg.site)
+            log.info("unknown_faces.share: faces of unknown tracks are sent to the enrollment server")
         self.cameras = CameraSet(cfg.cameras)
         self.worker = InferenceWorker(
             self.pipeline,
@@ -292,6 +294,8 @@ class EdgeAgent:
     # ---- decisions -> events ----
 
     def _on_decision(self, d: TrackDecision) -> None:
+        if self.unknown_faces is not None and not d.known:
+            self.unknown_faces.offer(d)  # independent of the attendance gate: unknown events may be off
         if not self.gate.admit(d):
             return
         cfg = self.cfg
@@ -408,4 +412,6 @@ class EdgeAgent:
         }
         if self.style is not None:
             out["style"] = self.style.stats_dict()
+        if self.unknown_faces is not None:
+            out["unknown_faces"] = dataclasses.asdict(self.unknown_faces.stats())
         return out

@@ -156,6 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             json=args.json,
             workdir=Path(args.workdir) if args.workdir else None,
             seed=args.seed,
+            stay=args.stay,
         )
     )
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each received event as a JSON line")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder, removed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stay", action="store_true", help="after the video, keep the server and its web console up until Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

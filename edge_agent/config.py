@@ -19,6 +19,7 @@ from edge_agent.capture import CameraConfig, SourceKind
 from edge_agent.delivery.event_publisher import DeliveryConfig
 from edge_agent.delivery.outbox import OVERFLOW_POLICIES, Overflow
 from edge_agent.delivery.snapshots import SnapshotConfig
+from edge_agent.delivery.unknown_faces import UnknownFacesConfig
 from edge_agent.gallery.index import IndexParams
 from edge_agent.health.metrics import MetricsConfig
 from edge_agent.health.status import StatusConfig
@@ -106,6 +107,9 @@ class EdgeConfig:
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     attendance: AttendanceConfig = field(default_factory=AttendanceConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    # privacy: whether faces of unknown visitors go to the enrollment server (off by default; the server must opt
+    # the site in as well)
+    unknown_faces: UnknownFacesConfig = field(default_factory=UnknownFacesConfig)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     status: StatusConfig = field(default_factory=StatusConfig)

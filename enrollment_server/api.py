@@ -1,7 +1,9 @@
 """The enrollment server's admin HTTP API: people, face uploads, galleries, devices, attendance (JSON, /api/v1).
 
 Authentication: `Authorization: Bearer <token>` on every endpoint but `GET /healthz` (and the OpenAPI document),
-compared in constant time. The one admin token is the whole access model, so a short one is refused at start.
+compared in constant time, or the web console's session cookie with its CSRF token (enrollment_server/auth.py).
+The one admin token is the whole access model, so a short one is refused at start. Routers added by `routers`
+(the console's pages and views) get the same service and authentication through an `ApiContext`.
 
 Status codes: every error the project raises on purpose is a models.errors type (or one of the API's own below),
 and `_ERROR_STATUS` is the one place that turns them into HTTP statuses: NotFoundError 404, ConflictError 409,
@@ -22,8 +24,6 @@ Enrollment is CPU-heavy and its pipeline is not thread-safe: it runs in the thre
 endpoints are plain `def`s, which FastAPI runs in the thread pool, so the blocking store never stalls the loop.
 """
 
-import hashlib
-import hmac
 import logging
 import re
 import threading
@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enrollment_server import reports
+from enrollment_server.auth import AdminAuth, AuthError, CsrfError, TooManyLoginsError
 from enrollment_server.enrollment import Enroller, EnrollReport
 from enrollment_server.store import Device, GalleryVersion, Person, Site, Store, StoredEvent, Template
 from models.contract.limits import MAX_NAME_CHARS
@@ -92,15 +93,6 @@ class ApiError(FaceAttendError):
     """A request the admin API refuses before it reaches the store or the enroller."""
 
 
-class AuthError(ApiError):
-    """No bearer token, or the wrong one."""
-
-    def __init__(self, message: str, *, invalid_token: bool) -> None:
-        super().__init__(message)
-        # RFC 6750: a presented but wrong token is error="invalid_token"; a missing one gets the bare challenge
-        self.challenge = 'Bearer realm="faceattend"' + (', error="invalid_token"' if invalid_token else "")
-
-
 class PayloadTooLargeError(ApiError):
     """A request carries more than the API accepts (bytes, or photos in one upload)."""
 
@@ -126,6 +118,8 @@ class NothingEnrolledError(ApiError):
 # First match wins, so subclasses come before their bases (NotFoundError and ConflictError are StoreErrors).
 _ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (AuthError, 401, "unauthorized"),
+    (CsrfError, 403, "forbidden"),
+    (TooManyLoginsError, 429, "too_many_logins"),
     (PayloadTooLargeError, 413, "payload_too_large"),
     (FieldError, 422, "invalid_field"),
     (NothingEnrolledError, 422, "no_photo_accepted"),
@@ -681,7 +675,7 @@ class AdminService:
         )
 
 
-def _time_zone(name: str) -> ZoneInfo:
+def time_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -869,6 +863,16 @@ def _check_settings(token: str, max_upload_bytes: int, site: str) -> None:
         raise ConfigError(f"site {site!r} is not a valid site id (1-64 of [A-Za-z0-9_.-], starting alphanumeric)")
 
 
+@dataclass(frozen=True)
+class ApiContext:
+    """What a router added through `create_app(routers=...)` builds on: the admin service, the authentication, and
+    `require`, the dependency that admits a request (bearer token, or console session + CSRF token)."""
+
+    service: AdminService
+    auth: AdminAuth
+    require: Any  # a FastAPI Depends(...)
+
+
 def create_app(
     store: Store,
     enroller: Enroller,
@@ -878,6 +882,8 @@ def create_app(
     on_change: Callable[[str], object] | None = None,
     devices_site: str,
     health: Callable[[], dict[str, Any]] | None = None,
+    session_ttl_s: float = 12 * 3600.0,
+    routers: Sequence[Callable[[ApiContext], APIRouter]] = (),
 ) -> FastAPI:
     """The admin API over one store and enroller.
 
@@ -885,24 +891,21 @@ def create_app(
     whole request body. on_change(site): called after every change that alters a site's gallery (the server wires
     the gallery publisher to it). devices_site: the server's own site (ServerConfig.site): the default wherever a
     request names no site, created in the store if absent. health(): extra figures for `GET /healthz`.
+    session_ttl_s: how long a console login lasts. routers: more routes (the console), each built from the context.
     """
     _check_settings(token, max_upload_bytes, devices_site)
     store.ensure_site(devices_site)
     service = AdminService(store, enroller, devices_site, on_change)
-    # compare digests, so that neither the token's value nor its length shows in the comparison's timing
-    expected = hashlib.sha256(token.encode("ascii")).digest()
+    auth = AdminAuth(token, session_ttl_s=session_ttl_s)
     bearer = HTTPBearer(
         auto_error=False, scheme_name="bearerAuth", description="the admin token (api.token / FACEATTEND_ADMIN_TOKEN)"
     )
 
     async def require_token(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        if credentials is None:
-            raise AuthError("missing bearer token (Authorization: Bearer <token>)", invalid_token=False)
-        given = hashlib.sha256(credentials.credentials.encode("utf-8", "surrogatepass")).digest()
-        if not hmac.compare_digest(given, expected):
-            raise AuthError("invalid bearer token", invalid_token=True)
+        auth.authenticate(request, None if credentials is None else credentials.credentials)
 
     app = FastAPI(
         title="faceattend enrollment server",
@@ -1045,7 +1048,7 @@ def create_app(
         """First and last sighting and event count per recognised person on one day (all sites if none given)."""
         if site is not None:
             service.known_site(site)
-        rows = store.daily_report(site, day, _time_zone(tz))
+        rows = store.daily_report(site, day, time_zone(tz))
         if format == "csv":
             filename = f"attendance-{site or 'all'}-{day.isoformat()}.csv"
             return Response(
@@ -1059,6 +1062,9 @@ def create_app(
         return JSONResponse(out.model_dump(mode="json"))
 
     app.include_router(api)
+    context = ApiContext(service, auth, Depends(require_token))
+    for make_router in routers:
+        app.include_router(make_router(context))
     return app
 
 
@@ -1096,6 +1102,7 @@ __all__ = [
     "PERSON_REF_PATTERN",
     "SITE_ID_PATTERN",
     "AdminService",
+    "ApiContext",
     "ApiError",
     "AuthError",
     "FieldError",
@@ -1103,4 +1110,5 @@ __all__ = [
     "PayloadTooLargeError",
     "create_app",
     "photo_labels",
+    "time_zone",
 ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from models.config import load_dataclass, load_yaml
-from models.errors import ConfigError
+from models.contract import topics
+from models.errors import ConfigError, FaceAttendError
 from models.face.quality import QualityConfig
 
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -59,6 +61,8 @@ class GallerySection:
 @dataclass(frozen=True)
 class EnrollmentSection:
     keep_photos: bool = False
+    # a small JPEG of each template's aligned face (the console shows them); false keeps no face image at all
+    keep_thumbnails: bool = True
     # a photo whose face is this close to someone else already enrolled is flagged, not silently added (new people
     # and photos added to an existing person alike)
     duplicate_identity_distance: float = 0.5
@@ -79,6 +83,67 @@ class ApiSection:
 
 
 @dataclass(frozen=True)
+class ConsoleSection:
+    """The web console at /console (same port and token as the API)."""
+
+    enabled: bool = True
+    session_hours: float = 12.0  # a login lasts this long (in memory: a server restart logs everybody out)
+    stale_after_s: float = 120.0  # a device online by its last status but silent this long is flagged stale
+
+    def __post_init__(self) -> None:
+        for key, top in (("session_hours", 24.0 * 30), ("stale_after_s", 86_400.0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top:
+                raise ConfigError(f"console.{key}: must be a number in (0, {top:g}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class UnknownVisitorsSection:
+    """Faces of unknown visitors, sent by the edges of opted-in sites, grouped for the admin to name.
+
+    Privacy: off by default. Only sites listed in `sites` have their unknown visitors' faces stored; whatever an
+    edge of another site sends is dropped (and logged). Stored faces are deleted once older than `max_age_days`,
+    and beyond the newest `max_faces` of a site; naming or ignoring a group deletes its faces at once.
+    """
+
+    sites: tuple[str, ...] = ()
+    max_age_days: float = 14.0
+    max_faces: int = 1000  # per site (grouping compares every pair: 5000 at most)
+    best_crops: int = 3  # crops of a group turned into templates (quality-gated) when it is named
+
+    def __post_init__(self) -> None:
+        for site in self.sites:
+            try:
+                topics.validate_id(site, "site")
+            except FaceAttendError as exc:
+                raise ConfigError(f"unknown_visitors.sites: {exc}") from None
+        age = self.max_age_days
+        if isinstance(age, bool) or not isinstance(age, (int, float)) or not (math.isfinite(age) and 0 < age <= 3650):
+            raise ConfigError(f"unknown_visitors.max_age_days: must be a number in (0, 3650], got {age!r}")
+        for key, top in (("max_faces", 5000), ("best_crops", 32)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise ConfigError(f"unknown_visitors.{key}: must be an integer in [1, {top}], got {value!r}")
+
+
+_HA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class HomeAssistantSection:
+    """Home Assistant MQTT discovery for every door the server hears of (enrollment_server/home_assistant.py)."""
+
+    discovery: bool = False
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix (its MQTT integration's option)
+    node_id: str = "faceattend"  # the optional <node_id> level of the discovery topics
+
+    def __post_init__(self) -> None:
+        for key in ("prefix", "node_id"):
+            if not _HA_ID.fullmatch(getattr(self, key)):
+                raise ConfigError(f"home_assistant.{key}: 1-64 of [A-Za-z0-9_-], got {getattr(self, key)!r}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     site: str = "main"
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -86,6 +151,9 @@ class ServerConfig:
     gallery: GallerySection = field(default_factory=GallerySection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
     api: ApiSection = field(default_factory=ApiSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
+    unknown_visitors: UnknownVisitorsSection = field(default_factory=UnknownVisitorsSection)
+    home_assistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
 
 
 def load_config(path: str | Path | None) -> ServerConfig:

@@ -17,6 +17,7 @@ The identity checks use the same open-set decision rule as the edges (models.dec
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,11 @@ from models.decision.rules import DecisionRule, Neighbours
 from models.errors import ConflictError, ImageError, NotFoundError
 from models.face import quality as q
 from models.face.pipeline import FacePipeline
-from models.imageio import IMAGE_SUFFIXES, load_image
+from models.imageio import IMAGE_SUFFIXES, encode_jpeg, load_image
 
 log = logging.getLogger(__name__)
+
+THUMBNAIL_QUALITY = 85  # the aligned 150 px chip: about 5 KB
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class _Candidate:
     sha256: str
     embedding: np.ndarray
     figures: q.FaceFigures
+    thumbnail: bytes | None
 
 
 class Enroller:
@@ -94,6 +98,8 @@ class Enroller:
         self.config = config
         self.fingerprint = pipeline.fingerprint
         self._identity_rule = DecisionRule.distance(config.duplicate_identity_distance)
+        # the face pipeline (ONNX sessions, aligner state) is not thread-safe: one enrollment at a time
+        self._lock = threading.Lock()
 
     def enroll(
         self,
@@ -104,7 +110,19 @@ class Enroller:
         *,
         allow_duplicate_identity: bool = False,
     ) -> EnrollReport:
-        """Add the photos that pass every gate to the person, creating the person when new."""
+        """Add the photos that pass every gate to the person, creating the person when new (thread-safe)."""
+        with self._lock:
+            return self._enroll(person_id, name, site, photos, allow_duplicate_identity=allow_duplicate_identity)
+
+    def _enroll(
+        self,
+        person_id: str,
+        name: str,
+        site: str,
+        photos: Sequence[tuple[str, bytes]],
+        *,
+        allow_duplicate_identity: bool,
+    ) -> EnrollReport:
         self.store.ensure_site(site)
         try:
             person = self.store.get_person(person_id)
@@ -176,6 +194,7 @@ class Enroller:
                         pose_score=max(0.0, 1.0 - abs(c.figures.yaw) / max(self.config.quality.max_yaw, 1e-6)),
                     ),
                     photo=c.data if self.config.keep_photos else None,
+                    thumbnail=c.thumbnail,
                 )
             except ConflictError:
                 results.append(
@@ -209,8 +228,9 @@ class Enroller:
         verdict = q.assess_photo(faces, chips, self.config.quality)
         if not verdict.accepted or verdict.figures is None:
             return PhotoResult(source, False, verdict.reason, verdict.message, verdict.figures), None
+        thumbnail = encode_jpeg(chips[0], THUMBNAIL_QUALITY) if self.config.keep_thumbnails else None
         return PhotoResult(source, True, None, "ok", verdict.figures), _Candidate(
-            source, data, q.image_sha256(data), faces[0].embedding, verdict.figures
+            source, data, q.image_sha256(data), faces[0].embedding, verdict.figures, thumbnail
         )
 
     def _belong_to_person(

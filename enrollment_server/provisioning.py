@@ -8,11 +8,14 @@ commands are the only writers of those files' managed parts:
   the server's container needs no mosquitto_passwd). Passwords are random (192 bits) and never logged.
 - `acl`: the shipped deploy/mosquitto/acl (the enrollment server's rights) followed by one block per device or
   consumer between `# BEGIN faceattend KIND NAME` and `# END faceattend KIND NAME` lines. A device may publish
-  only under `faceattend/v1/edge/{device}/` and read only its own site's gallery and the server's confirmations of
-  its own events (`faceattend/v1/device/{device}/stored`); a consumer may only read events and statuses.
-  Provisioning a device again rewrites its block to the current rules (how a device provisioned before contract
-  1.1 gets the confirmations' read rule). Users named outside the blocks (the server's `enrollment-server`) are
-  never touched, and no device or consumer can take their name.
+  only under `faceattend/v1/edge/{device}/` (its events, status, gallery acks, stylised snapshots and, where its
+  site shares them, unknown visitors' faces) and read only its own site's gallery and the server's confirmations
+  of its own events (`faceattend/v1/device/{device}/stored`); a consumer may only read events, statuses and
+  stylised snapshots, never unknown visitors' faces; a Home Assistant consumer (`--home-assistant`) also reads the
+  discovery configs under its prefix and publishes its birth and will message there. Provisioning a device again
+  rewrites its block to the current rules (how a device provisioned before contract 1.1 gets the confirmations'
+  read rule). Users named outside the blocks (the server's `enrollment-server`) are never touched, and no device or
+  consumer can take their name.
 
 `provision-device` also records the device's site in the server's database (`Store.register_device`): the
 ingest files the device's events under that site only, whatever their payload says.
@@ -165,11 +168,32 @@ def device_acl(device: str, site: str) -> AclBlock:
     )
 
 
-def consumer_acl(username: str) -> AclBlock:
-    """Read-only: every edge's events, statuses and stylised snapshots; no gallery, nothing to publish."""
+CONSUMER_READS = (topics.ALL_EDGE_EVENTS, topics.ALL_EDGE_STATUS, topics.ALL_EDGE_STYLIZED)
+HOME_ASSISTANT_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix
+
+# The enrollment server's rights, as deploy/mosquitto/acl ships them (tests/unit/test_deploy_broker_auth.py keeps
+# the two in step): it publishes galleries and Home Assistant discovery, reads what every edge sends the server, and
+# Home Assistant's birth message.
+SERVER_RULES = (
+    f"topic write {topics.ROOT}/site/+/gallery/#",
+    f"topic write {topics.ALL_EVENTS_STORED}",
+    *(f"topic read {f}" for f in topics.SERVER_FILTERS),
+    f"topic read {topics.ALL_EDGE_UNKNOWN}",
+    f"topic write {HOME_ASSISTANT_PREFIX}/#",
+    f"topic read {HOME_ASSISTANT_PREFIX}/status",
+)
+
+
+def consumer_acl(username: str, *, home_assistant_prefix: str | None = None) -> AclBlock:
+    """Read-only: every edge's events, statuses and stylised snapshots (never unknown visitors' faces); no gallery,
+    nothing to publish. With `home_assistant_prefix` (a Home Assistant instance): also the discovery configs under
+    that prefix, and its own birth / will message `<prefix>/status`."""
     username = _ident(username, "username")
-    readable = (topics.ALL_EDGE_EVENTS, topics.ALL_EDGE_STATUS, topics.ALL_EDGE_STYLIZED)
-    return AclBlock("consumer", username, None, tuple(f"topic read {f}" for f in readable))
+    rules = [f"topic read {f}" for f in CONSUMER_READS]
+    if home_assistant_prefix is not None:
+        prefix = _ident(home_assistant_prefix, "home assistant prefix")
+        rules += [f"topic read {prefix}/#", f"topic write {prefix}/status"]
+    return AclBlock("consumer", username, None, tuple(rules))
 
 
 def _parse_acl(text: str, path: Path) -> list[str | AclBlock]:
@@ -633,15 +657,24 @@ def cmd_provision_device(args: argparse.Namespace, cfg: ServerConfig) -> int:
 
 def cmd_broker_user(args: argparse.Namespace, cfg: ServerConfig) -> int:
     out = Path(args.password_out)
+    prefix = args.discovery_prefix if args.home_assistant else None
     cred = BrokerAuth(_required(args.broker_auth, "--broker-auth", ENV_BROKER_AUTH)).upsert(
-        consumer_acl(args.username), known_password=_read_known_password(out), rotate=args.rotate_password
+        consumer_acl(args.username, home_assistant_prefix=prefix),
+        known_password=_read_known_password(out),
+        rotate=args.rotate_password,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, (cred.password + "\n").encode(), 0o600)
+    rights = (
+        f"It may read {topics.ALL_EDGE_EVENTS}, {topics.ALL_EDGE_STATUS} and {topics.ALL_EDGE_STYLIZED}, and\n"
+        "publish nothing."
+        if prefix is None
+        else f"It may read {topics.ALL_EDGE_EVENTS}, {topics.ALL_EDGE_STATUS}, {topics.ALL_EDGE_STYLIZED} and\n"
+        f"{prefix}/# (the discovery configs), and publish {prefix}/status only (Home Assistant's birth and will)."
+    )
     sys.stdout.write(
         f"consumer {cred.username}: password {cred.status}, written to {out} (mode 0600).\n"
-        f"It may read {topics.ALL_EDGE_EVENTS}, {topics.ALL_EDGE_STATUS} and {topics.ALL_EDGE_STYLIZED}, and\n"
-        "publish nothing. It connects with\n"
+        f"{rights} It connects with\n"
         f"mqtts://{cred.username}@<broker>:8883, the site CA, and the password from that file (the broker uses the\n"
         f"username as client id: one connection at a time per consumer user).\n{RELOAD_HINT}.\n"
     )
@@ -700,6 +733,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--password-out", required=True, help="file that receives the password (mode 0600)")
     auth_arg(p)
     p.add_argument("--rotate-password", action="store_true", help="issue a new password")
+    p.add_argument(
+        "--home-assistant",
+        action="store_true",
+        help="a Home Assistant instance: also reads the discovery configs and publishes its birth message",
+    )
+    p.add_argument(
+        "--discovery-prefix",
+        default=HOME_ASSISTANT_PREFIX,
+        help=f"Home Assistant's discovery prefix (default {HOME_ASSISTANT_PREFIX})",
+    )
 
     p = sub.add_parser(
         "revoke-broker-user", help="remove a device or consumer from the broker's password and ACL files"

@@ -138,6 +138,8 @@ templates = Table(
     Column("pose_score", Float),  # 1.0 = frontal
     Column("image_sha256", String(64), nullable=False),
     Column("photo", LargeBinary),  # only when the server is configured to keep enrolment photos
+    # the aligned face chip as a small JPEG (schema 2), shown by the console; never the photo itself
+    Column("thumbnail", LargeBinary),
     Column("created", UTCDateTime, nullable=False),
     # Also the index that serves "templates of this person" (leading column). Deliberately no index on
     # encoder_fingerprint: a site has one or two, so it never narrows a query, and with stale statistics (right after
@@ -222,6 +224,30 @@ attendance_events = Table(
 )
 
 
+# Faces of tracks an edge decided as unknown, from sites that opted in (enrollment_server/visitors.py). Like events,
+# they come from the field: no foreign keys. Naming, ignoring and the retention limits delete rows.
+unknown_faces = Table(
+    "unknown_faces",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("face_id", String(36), nullable=False, unique=True),  # canonical UUID: QoS 1 redeliveries stored once
+    Column("site_id", String(ID_LENGTH), nullable=False),
+    Column("device_id", String(ID_LENGTH), nullable=False),
+    Column("camera", String(ID_LENGTH), nullable=False),
+    Column("track_id", BigInteger, nullable=False),
+    Column("ts", UTCDateTime, nullable=False),  # when the edge decided the track
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("embedding", LargeBinary, nullable=False),  # float32 little-endian, `dim` values
+    Column("dim", Integer, nullable=False),
+    Column("fingerprint", String(ID_LENGTH), nullable=False),
+    Column("gallery_version", Integer, nullable=False),
+    Column("distance", Float),  # the decision's nearest distance (None: no gallery)
+    Column("quality", Float, nullable=False),  # the edge's sample weight, (0, 1]
+    Column("crop", LargeBinary, nullable=False),  # JPEG
+    Index(None, "site_id", "ts"),
+)
+
+
 # --- migrations -------------------------------------------------------------------------------------------------
 
 
@@ -233,7 +259,17 @@ class Migration:
 
 
 def _initial_schema(conn: Connection) -> None:
-    metadata.create_all(conn, checkfirst=True)
+    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not unknown_faces], checkfirst=True)
+
+
+def _thumbnails_and_unknown_faces(conn: Connection) -> None:
+    # Written to hold on both paths to version 2: a database upgraded from version 1 lacks the column, while a fresh
+    # one got it from the version-1 step (which creates `templates` as defined above, column included).
+    columns = {c["name"] for c in inspect(conn).get_columns(templates.name)}
+    if "thumbnail" not in columns:
+        kind = LargeBinary().compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {templates.name} ADD COLUMN thumbnail {kind}"))
+    unknown_faces.create(conn, checkfirst=True)
 
 
 def _add_missing_columns(*columns: Column[Any]) -> Callable[[Connection], None]:
@@ -257,9 +293,9 @@ def _add_missing_columns(*columns: Column[Any]) -> Callable[[Connection], None]:
 
 
 # Ordered, append-only. A new migration alters the tables above AND gets an entry here that performs the same change
-# on an existing database (ALTER TABLE ...). A fresh database is built by running every migration in order; since
-# `_initial_schema` creates the tables as defined above, a later migration must be a no-op where its change is
-# already there (`_add_missing_columns`), or `_initial_schema` must first be frozen to the version-1 definitions.
+# on an existing database (ALTER TABLE ...). A fresh database is built by running every migration in order: a later
+# migration either leaves out of `_initial_schema` what it creates (a table) or checks before it changes (a column,
+# `_add_missing_columns`).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(
@@ -267,6 +303,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "gallery epochs: gallery_versions.epoch, devices.gallery_epoch, gallery_acks.epoch",
         _add_missing_columns(gallery_versions.c.epoch, devices.c.gallery_epoch, gallery_acks.c.epoch),
     ),
+    Migration(3, "template thumbnails, unknown visitors' faces", _thumbnails_and_unknown_faces),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

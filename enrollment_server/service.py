@@ -13,6 +13,11 @@ Parts and why they are separate:
   change is stored and the publisher's reconnect hook (`republish_on_connect`, run for every site after each
   connect, on the lease holder only) publishes it: the data no longer matches the latest recorded version, so a
   new version goes out. SQLite allows one server per database: a second `serve` refuses to start;
+- the web console (/console) on the API's port, with the same token (enrollment_server/console/);
+- unknown visitors, when some site opted in (`unknown_visitors.sites`): a clean-session link of their own
+  (enrollment_server/visitor_ingest.py), absent otherwise;
+- Home Assistant discovery, when `home_assistant.discovery` is on: a clean-session link of its own
+  (enrollment_server/home_assistant.py);
 - the admin API (FastAPI on uvicorn): uvicorn owns SIGINT / SIGTERM; once it has drained its requests the parts
   are stopped in the order `Ingest.stop` documents (the ingest stores and acknowledges what it took while its
   link is still up, then the links go).
@@ -29,6 +34,7 @@ from enrollment_server import components as c
 from enrollment_server.config import ServerConfig
 from enrollment_server.ingest import Ingest, ingest_config
 from enrollment_server.leadership import GalleryLeadership, PgAdvisoryLease, lease_for
+from models import extras
 from models.errors import ConfigError, MqttError
 
 log = logging.getLogger(__name__)
@@ -47,12 +53,20 @@ class ServerParts:
     publisher: Any
     leadership: GalleryLeadership
     app: Any
+    visitor_ingest: Any = None  # with its link, only when some site shares unknown visitors
+    visitor_link: Any = None
+    home_assistant: Any = None  # with its link, only when Home Assistant discovery is on
+    home_assistant_link: Any = None
 
 
 def start_parts(cfg: ServerConfig) -> ServerParts:
-    """Open the store, take or wait for the publisher lease, load the key and models, connect both links
-    (asynchronously) and build the API. ConfigError / LeaseError when this server may not serve the database."""
+    """Open the store, take or wait for the publisher lease, load the key and models, connect the links
+    (asynchronously) and build the API and console. ConfigError / LeaseError when this server may not serve the
+    database."""
     from enrollment_server.api import create_app
+    from enrollment_server.console.pages import console_pages
+    from enrollment_server.console_api import console_views
+    from enrollment_server.visitors import Visitors
 
     token = c.admin_token(cfg)  # fail on a missing token before anything connects
     store = c.open_store(cfg)
@@ -93,6 +107,24 @@ def start_parts(cfg: ServerConfig) -> ServerParts:
         ingest_config(cfg.mqtt.url, c.client_id(cfg, "ingest"), shared_group=group, **c.link_options(cfg))
     )
     ingest = Ingest(store, ingest_link, shared_group=group)
+    visitors = Visitors(store, cfg.unknown_visitors, enroller)
+    visitor_link = visitor_ingest = None
+    if cfg.unknown_visitors.sites:
+        from enrollment_server.visitor_ingest import VisitorIngest
+
+        visitor_link = c.make_link(c.mqtt_config(cfg, "visitors"))
+        visitor_ingest = VisitorIngest(store, visitor_link, visitors)
+    else:
+        visitors.purge()  # the feature is off: nothing stored earlier stays
+    ha_link = ha = None
+    if cfg.home_assistant.discovery:
+        from enrollment_server.home_assistant import HomeAssistantDiscovery
+
+        ha_link = c.make_link(c.mqtt_config(cfg, "ha"))
+        ha = HomeAssistantDiscovery(ha_link, cfg.home_assistant, extras.distribution_version())
+    routers = [console_views(visitors, stale_after_s=cfg.console.stale_after_s)]
+    if cfg.console.enabled:
+        routers.append(console_pages(default_site=cfg.site))
     app = create_app(
         store,
         enroller,
@@ -100,11 +132,17 @@ def start_parts(cfg: ServerConfig) -> ServerParts:
         max_upload_bytes=cfg.api.max_upload_mib * 1024 * 1024,
         on_change=lambda site: leadership.on_change(site, publish),
         devices_site=cfg.site,
-        health=lambda: _health(gallery_link, ingest_link, ingest, leadership),
+        health=lambda: _health(gallery_link, ingest_link, ingest, leadership, visitor_ingest),
+        session_ttl_s=cfg.console.session_hours * 3600.0,
+        routers=routers,
     )
     ingest.start()
     ingest_link.start()
     gallery_link.start()
+    for part, link in ((visitor_ingest, visitor_link), (ha, ha_link)):
+        if part is not None:
+            part.start()
+            link.start()
     log.info(
         "enrollment server: site %s, database %s, broker %s%s, signing key id %s",
         cfg.site,
@@ -113,12 +151,19 @@ def start_parts(cfg: ServerConfig) -> ServerParts:
         f" (shared subscription group {group})" if group else "",
         signer.key_id,
     )
-    return ServerParts(store, ingest, ingest_link, gallery_link, publisher, leadership, app)
+    return ServerParts(
+        store, ingest, ingest_link, gallery_link, publisher, leadership, app, visitor_ingest, visitor_link, ha, ha_link
+    )
 
 
 def stop_parts(parts: ServerParts) -> bool:
     """Stop in the safe order; True when every event taken off the wire was stored."""
     parts.leadership.stop()
+    for link in (parts.home_assistant_link, parts.visitor_link):
+        if link is not None:
+            link.stop()
+    if parts.visitor_ingest is not None:
+        parts.visitor_ingest.stop()
     parts.gallery_link.stop()
     clean = parts.ingest.stop(INGEST_STOP_TIMEOUT_S)  # acks and confirmations still need the ingest link
     parts.ingest_link.stop()
@@ -156,9 +201,13 @@ def run_server(cfg: ServerConfig) -> int:
     return 0 if clean else 1
 
 
-def _health(gallery_link: Any, ingest_link: Any, ingest: Ingest, leadership: GalleryLeadership) -> dict[str, Any]:
+def _health(
+    gallery_link: Any, ingest_link: Any, ingest: Ingest, leadership: GalleryLeadership, visitor_ingest: Any
+) -> dict[str, Any]:
     stats = ingest.stats()
+    extra = {} if visitor_ingest is None else {"unknown_visitors": visitor_ingest.health()}
     return {
+        **extra,
         "mqtt": {"ingest_connected": ingest_link.is_connected(), "gallery_connected": gallery_link.is_connected()},
         "gallery_publisher": {"leader": leadership.is_leader()},
         "ingest": {

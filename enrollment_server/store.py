@@ -45,6 +45,7 @@ from enrollment_server.schema import (
     people,
     sites,
     templates,
+    unknown_faces,
 )
 from models.errors import (
     ConflictError,
@@ -172,6 +173,7 @@ class Template:
     image_sha256: str
     has_photo: bool
     created: datetime
+    has_thumbnail: bool = False
 
     @property
     def dim(self) -> int:
@@ -318,6 +320,42 @@ class DailyAttendance:
     first_seen: datetime  # UTC
     last_seen: datetime  # UTC
     events: int
+    device_id: str | None = None  # the door, in a report by door (daily_report(by_door=True)); None otherwise
+
+
+# eq=False: the generated __eq__ would compare numpy arrays, whose `==` is elementwise and cannot be a bool.
+@dataclass(frozen=True, eq=False)
+class UnknownFace:
+    """The face of a track an edge decided as unknown (models.contract.unknown_face), as stored; crop bytes apart."""
+
+    face_id: str
+    site_id: str
+    device_id: str
+    camera: str
+    track_id: int
+    ts: datetime
+    embedding: np.ndarray  # float32 (dim,), read-only
+    fingerprint: str
+    gallery_version: int
+    distance: float | None
+    quality: float
+
+
+@dataclass(frozen=True, eq=False)
+class StoredUnknownFace:
+    id: int
+    face: UnknownFace
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class LastEvent:
+    """A device's most recent attendance event (the Doors page)."""
+
+    device_id: str
+    ts: datetime
+    person_id: str | None
+    name: str | None
 
 
 # --- row converters ---------------------------------------------------------------------------------------------
@@ -361,7 +399,28 @@ def _template(row: Any) -> Template:
         image_sha256=row.image_sha256,
         has_photo=bool(row.has_photo),
         created=row.created,
+        has_thumbnail=bool(row.has_thumbnail),
     )
+
+
+def _unknown_face(row: Any) -> StoredUnknownFace:
+    embedding = np.frombuffer(bytes(row.embedding), dtype="<f4").astype(np.float32, copy=False)
+    if embedding.shape[0] != row.dim:
+        raise StoreError(f"unknown face {row.id}: {embedding.shape[0]} stored values but dim {row.dim}")
+    face = UnknownFace(
+        face_id=row.face_id,
+        site_id=row.site_id,
+        device_id=row.device_id,
+        camera=row.camera,
+        track_id=int(row.track_id),
+        ts=row.ts,
+        embedding=_readonly(embedding),
+        fingerprint=row.fingerprint,
+        gallery_version=int(row.gallery_version),
+        distance=row.distance,
+        quality=float(row.quality),
+    )
+    return StoredUnknownFace(id=int(row.id), face=face, received_at=row.received_at)
 
 
 def _gallery_version(row: Any) -> GalleryVersion:
@@ -733,8 +792,9 @@ class Store:
         image_sha256: str,
         quality: TemplateQuality | None = None,
         photo: bytes | None = None,
+        thumbnail: bytes | None = None,
     ) -> Template:
-        """Store one face embedding of a person.
+        """Store one face embedding of a person (`thumbnail`: a small JPEG of the aligned face, for the console).
 
         Raises ConflictError when this person already has a template from the same image (sha256), NotFoundError
         for an unknown person, StoreValueError for an embedding that is not a finite 1-D vector.
@@ -770,6 +830,7 @@ class Store:
                     pose_score=quality.pose_score,
                     image_sha256=digest,
                     photo=photo,
+                    thumbnail=thumbnail,
                     created=_now(),
                 )
                 .on_conflict_do_nothing(index_elements=[templates.c.person_id, templates.c.image_sha256])
@@ -784,10 +845,11 @@ class Store:
 
     @staticmethod
     def _template_columns() -> list[ColumnElement[Any]]:
-        # Everything but the photo bytes, which only template_photo() reads.
+        # Everything but the image bytes, which only template_photo() and template_thumbnail() read.
         return [
-            *(c for c in templates.c if c.name != "photo"),
+            *(c for c in templates.c if c.name not in ("photo", "thumbnail")),
             templates.c.photo.is_not(None).label("has_photo"),
+            templates.c.thumbnail.is_not(None).label("has_thumbnail"),
         ]
 
     def _template_filter(
@@ -838,6 +900,14 @@ class Store:
         if row is None:
             raise NotFoundError(f"no template {template_id}")
         return None if row.photo is None else bytes(row.photo)
+
+    def template_thumbnail(self, template_id: int) -> bytes | None:
+        """The small JPEG of the template's aligned face (None for templates enrolled before thumbnails existed)."""
+        with self._read() as conn:
+            row = conn.execute(select(templates.c.thumbnail).where(templates.c.id == template_id)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no template {template_id}")
+        return None if row.thumbnail is None else bytes(row.thumbnail)
 
     def site_embeddings(self, site_id: str, fingerprint: str) -> SiteEmbeddings:
         """The gallery's input: one query, one buffer join, one frombuffer (50,000 templates in well under 1 s)."""
@@ -1253,8 +1323,11 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def daily_report(self, site_id: str | None, day: date, tz: tzinfo = timezone.utc) -> list[DailyAttendance]:
-        """First and last sighting and event count of every recognised person on one local day (all sites if None).
+    def daily_report(
+        self, site_id: str | None, day: date, tz: tzinfo = timezone.utc, *, by_door: bool = False
+    ) -> list[DailyAttendance]:
+        """First and last sighting and event count of every recognised person on one local day (all sites if None);
+        `by_door`: one row per person and door (device) instead of per person.
 
         The local day [00:00, next 00:00) in `tz` is turned into a UTC interval here (23 or 25 hours across a DST
         change), so SQL only filters on ts and aggregates: no time-zone functions, which SQLite lacks. Names are
@@ -1266,10 +1339,10 @@ class Store:
         end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz).astimezone(timezone.utc)
         ev = attendance_events
         name = func.coalesce(func.max(people.c.display_name), func.max(ev.c.name)).label("name")
+        keys = [ev.c.site_id, ev.c.person_id, *([ev.c.device_id] if by_door else [])]
         query = (
             select(
-                ev.c.site_id,
-                ev.c.person_id,
+                *keys,
                 name,
                 func.min(ev.c.ts).label("first_seen"),
                 func.max(ev.c.ts).label("last_seen"),
@@ -1277,8 +1350,8 @@ class Store:
             )
             .select_from(ev.outerjoin(people, people.c.person_id == ev.c.person_id))
             .where(ev.c.person_id.is_not(None), ev.c.ts >= start, ev.c.ts < end)
-            .group_by(ev.c.site_id, ev.c.person_id)
-            .order_by(self._bytewise(ev.c.site_id), self._bytewise(ev.c.person_id))
+            .group_by(*keys)
+            .order_by(*(self._bytewise(k) for k in keys))
         )
         if site_id is not None:
             query = query.where(ev.c.site_id == site_id)
@@ -1293,9 +1366,126 @@ class Store:
                 first_seen=row.first_seen,
                 last_seen=row.last_seen,
                 events=int(row.events),
+                device_id=row.device_id if by_door else None,
             )
             for row in rows
         ]
+
+    def last_events(self, site_id: str | None = None) -> dict[str, LastEvent]:
+        """Each device's most recent event (by event time), keyed by device id."""
+        ev = attendance_events
+        latest = select(ev.c.device_id, func.max(ev.c.ts).label("ts")).group_by(ev.c.device_id)
+        if site_id is not None:
+            latest = latest.where(ev.c.site_id == site_id)
+        sub = latest.subquery()
+        query = (
+            select(ev.c.device_id, ev.c.ts, ev.c.person_id, ev.c.name)
+            .join(sub, (sub.c.device_id == ev.c.device_id) & (sub.c.ts == ev.c.ts))
+            .order_by(ev.c.event_id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        out: dict[str, LastEvent] = {}
+        for row in rows:  # two events of one device at the same instant: the first by event id
+            out.setdefault(row.device_id, LastEvent(row.device_id, row.ts, row.person_id, row.name))
+        return out
+
+    # -- unknown visitors -----------------------------------------------------------------------------------------
+
+    def add_unknown_face(self, face: UnknownFace, crop: bytes, *, received_at: datetime | None = None) -> bool:
+        """Store an unknown visitor's face once: True when new, False when its face_id was stored already."""
+        vector = np.asarray(face.embedding)
+        if vector.ndim != 1 or vector.shape[0] == 0 or not np.issubdtype(vector.dtype, np.number):
+            raise StoreValueError(f"embedding must be a non-empty 1-D numeric vector, got shape {vector.shape}")
+        vector = vector.astype("<f4")
+        if not np.all(np.isfinite(vector)):
+            raise StoreValueError("embedding holds NaN or infinite values")
+        if not isinstance(crop, bytes) or not crop:
+            raise StoreValueError("crop must be non-empty JPEG bytes")
+        values = {
+            "face_id": _canonical_uuid(face.face_id),
+            "site_id": _ident(face.site_id, "site_id"),
+            "device_id": _ident(face.device_id, "device_id"),
+            "camera": _ident(face.camera, "camera"),
+            "track_id": int(face.track_id),
+            "ts": _utc(face.ts, "ts"),
+            "received_at": _utc(received_at, "received_at") if received_at is not None else _now(),
+            "embedding": vector.tobytes(),
+            "dim": int(vector.shape[0]),
+            "fingerprint": _ident(face.fingerprint, "fingerprint"),
+            "gallery_version": int(face.gallery_version),
+            "distance": face.distance,
+            "quality": float(face.quality),
+            "crop": crop,
+        }
+        with self._write() as conn:
+            inserted = conn.execute(
+                self._insert(unknown_faces)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[unknown_faces.c.face_id])
+                .returning(unknown_faces.c.id)
+            ).first()
+        return inserted is not None
+
+    _UNKNOWN_COLUMNS = tuple(c for c in unknown_faces.c if c.name != "crop")
+
+    def list_unknown_faces(
+        self, site_id: str, *, fingerprint: str | None = None, ids: Sequence[int] | None = None
+    ) -> list[StoredUnknownFace]:
+        """A site's stored unknown faces (optionally of one encoder, or only `ids`), oldest first."""
+        query = select(*self._UNKNOWN_COLUMNS).where(unknown_faces.c.site_id == site_id)
+        if fingerprint is not None:
+            query = query.where(unknown_faces.c.fingerprint == fingerprint)
+        if ids is not None:
+            query = query.where(unknown_faces.c.id.in_([int(i) for i in ids]))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(unknown_faces.c.ts, unknown_faces.c.id)).all()
+        return [_unknown_face(row) for row in rows]
+
+    def unknown_face_crops(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The JPEG crops of these faces (ids that are not stored are absent)."""
+        query = select(unknown_faces.c.id, unknown_faces.c.crop).where(unknown_faces.c.id.in_([int(i) for i in ids]))
+        with self._read() as conn:
+            return {int(row.id): bytes(row.crop) for row in conn.execute(query).all()}
+
+    def delete_unknown_faces(self, ids: Sequence[int]) -> int:
+        with self._write() as conn:
+            return int(
+                conn.execute(unknown_faces.delete().where(unknown_faces.c.id.in_([int(i) for i in ids]))).rowcount
+            )
+
+    def count_unknown_faces(self, site_id: str | None = None) -> int:
+        query = select(func.count()).select_from(unknown_faces)
+        if site_id is not None:
+            query = query.where(unknown_faces.c.site_id == site_id)
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def purge_unknown_faces(self, *, sites: Sequence[str], older_than: datetime, keep: int) -> int:
+        """The retention rule of enrollment_server/visitors.py: delete every face of a site not in `sites` (a site
+        that stopped opting in), faces decided before `older_than`, then all but each site's newest `keep`.
+        Returns how many went."""
+        if keep < 0:
+            raise StoreValueError(f"keep must be >= 0, got {keep}")
+        cutoff = _utc(older_than, "older_than")
+        uf = unknown_faces
+        with self._write() as conn:
+            removed = int(conn.execute(uf.delete().where(uf.c.site_id.not_in(list(sites)))).rowcount)
+            removed += int(conn.execute(uf.delete().where(uf.c.ts < cutoff)).rowcount)
+            for (site,) in conn.execute(select(uf.c.site_id).distinct()).all():
+                # the keep-th newest face of the site: it and everything older go (ts, then id, orders them)
+                boundary = conn.execute(
+                    select(uf.c.ts, uf.c.id)
+                    .where(uf.c.site_id == site)
+                    .order_by(uf.c.ts.desc(), uf.c.id.desc())
+                    .offset(keep)
+                    .limit(1)
+                ).first()
+                if boundary is None:
+                    continue
+                older = or_(uf.c.ts < boundary.ts, (uf.c.ts == boundary.ts) & (uf.c.id <= boundary.id))
+                removed += int(conn.execute(uf.delete().where(uf.c.site_id == site, older)).rowcount)
+        return removed
 
 
 __all__ = [
@@ -1305,11 +1495,14 @@ __all__ = [
     "DeviceStatus",
     "GalleryAck",
     "GalleryVersion",
+    "LastEvent",
     "Person",
     "Site",
     "SiteEmbeddings",
     "Store",
     "StoredEvent",
+    "StoredUnknownFace",
     "Template",
     "TemplateQuality",
+    "UnknownFace",
 ]

@@ -5,6 +5,7 @@ inside an import. The groups mirror pyproject.toml's [project.optional-dependenc
 from __future__ import annotations
 
 import importlib.util
+from importlib import metadata
 from typing import Final
 
 from models.errors import MissingExtraError
@@ -12,8 +13,16 @@ from models.errors import MissingExtraError
 # import names (not distribution names) of each extra's packages
 EXTRAS: Final[dict[str, tuple[str, ...]]] = {
     "edge": ("hnswlib",),
-    "server": ("sqlalchemy", "psycopg", "fastapi", "starlette", "pydantic", "multipart", "uvicorn"),
+    "server": ("sqlalchemy", "psycopg", "fastapi", "starlette", "pydantic", "multipart", "uvicorn", "scipy"),
 }
+
+
+def distribution_version() -> str:
+    """The installed faceattend's version (the edge agent's and the server's version string)."""
+    try:
+        return metadata.version("faceattend")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def missing(extra: str) -> list[str]:

@@ -47,6 +47,16 @@ def load_image(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS)
     return decode_image(data, label, limits)
 
 
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """An RGB uint8 image as JPEG bytes (snapshots, stylised paintings, face crops and thumbnails)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageError(f"JPEG encoding of a {image.shape} image failed")
+    return buf.tobytes()
+
+
 def _read_file(path: Path, limits: ImageLimits) -> bytes:
     try:
         size = path.stat().st_size

@@ -27,11 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 
 from models.cache import atomic_write_bytes
 from models.errors import ConfigError, ImageError, SnapshotError
+from models.imageio import encode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SnapshotStore:
         except (ValueError, TypeError):
             raise SnapshotError(f"snapshot: event id {event_id!r} is not a UUID") from None
         _check_frame(frame)
-        image = _face_crop(frame, bbox, self._config.face_margin) if self._config.mode == "face" else frame
+        image = face_crop(frame, bbox, self._config.face_margin) if self._config.mode == "face" else frame
         data = encode_jpeg(image, self._config.jpeg_quality)
         moment = at if at is not None else datetime.now(timezone.utc)
         if moment.tzinfo is None:
@@ -209,7 +209,8 @@ class SnapshotStore:
         log.info("snapshots: %d files, %.1f MiB in %s", len(found), self._total / _MIB, self._root)
 
 
-def _face_crop(frame: np.ndarray, bbox: tuple[float, float, float, float], margin: float) -> np.ndarray:
+def face_crop(frame: np.ndarray, bbox: tuple[float, float, float, float], margin: float) -> np.ndarray:
+    """The face box widened by `margin` of its size on every side, clipped to the frame (a view, not a copy)."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
         raise ImageError(f"snapshot: face box {bbox!r} is not x1 < x2, y1 < y2 in finite numbers")
@@ -220,14 +221,6 @@ def _face_crop(frame: np.ndarray, bbox: tuple[float, float, float, float], margi
     if right <= left or bottom <= top:
         raise ImageError(f"snapshot: face box {bbox!r} lies outside the {width}x{height} frame")
     return frame[top:bottom, left:right]
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    """An RGB uint8 image as JPEG bytes (also the style worker's encoder for its paintings)."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ImageError(f"snapshot: JPEG encoding of a {image.shape} image failed")
-    return buf.tobytes()
 
 
 def _check_frame(frame: np.ndarray) -> None:

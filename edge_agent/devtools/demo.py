@@ -62,6 +62,7 @@ class DemoOptions:
     seed: int = 0
     window_s: float = 300.0
     unknown_events: bool = True
+    stay: bool = False  # after the video, keep the server (and its web console) and the agent up until Ctrl-C
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class ServerProcess:
         self.config = workdir / "server.yaml"
         self.public_key = workdir / "keys" / "gallery-signing.pub.pem"
         self.log_path = workdir / "server.log"
-        self._env = os.environ | {"FACEATTEND_ADMIN_TOKEN": secrets.token_urlsafe(24)}
+        self.token = secrets.token_urlsafe(24)  # printed by the demo: the console's sign-in
+        self._env = os.environ | {"FACEATTEND_ADMIN_TOKEN": self.token}
         self._proc: subprocess.Popen[bytes] | None = None
         self.api_port = free_port()
         import yaml
@@ -122,10 +124,16 @@ class ServerProcess:
                     "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server", "protocol": "3.1.1"},
                     "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
                     "api": {"host": "127.0.0.1", "port": self.api_port},
+                    # the demo's site shares its unknown visitors (the shipped photos' strangers) with the console
+                    "unknown_visitors": {"sites": [SITE]},
                 }
             ),
             encoding="utf-8",
         )
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/console"
 
     def _command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "enrollment_server.cli", "-c", str(self.config), *args]
@@ -287,6 +295,7 @@ def _edge_config(workdir: Path, broker_url: str, public_key: Path, video: Path, 
             "cameras": [{"name": CAMERA, "source": str(video)}],
             "attendance": {"window_s": options.window_s, "unknown_events": options.unknown_events},
             "snapshots": {"mode": "face"},
+            "unknown_faces": {"share": True},  # the demo site opted in: strangers appear in the console
         },
         workdir,
     )
@@ -341,6 +350,12 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         consumer = Consumer(broker_url, on_event)
         consumer.start()
         server.start()
+        # the console's address and token, on stderr in --json mode (stdout stays one event per line)
+        print(
+            f"== web console: {server.console_url} (sign in with the admin token {server.token})",
+            file=sys.stderr if options.json else out,
+            flush=True,
+        )
         agent = EdgeAgent(_edge_config(workdir, broker_url, server.public_key, video, options))
         try:
             agent.start()
@@ -358,6 +373,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             while agent.outbox_depth() > 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(0.5)  # the last PUBACKed events are on their way to the consumer
+            if options.stay:
+                _stay(server, say)
         finally:
             agent.stop()
             consumer.stop()
@@ -365,6 +382,16 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     _check(result, expected)
     _summary(result, options, out)
     return result
+
+
+def _stay(server: ServerProcess, say: Callable[[str], None]) -> None:
+    say(f"the video is over; the console stays up at {server.console_url} until Ctrl-C")
+    try:
+        while True:
+            server.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopping")
 
 
 def _check(result: DemoResult, expected: dict[str, int] | None) -> None:

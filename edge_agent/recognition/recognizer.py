@@ -33,7 +33,8 @@ which it reports. **No gallery** (no index yet, or an index with no templates): 
 re-searches them).
 
 The decision carries the track's best frame (the highest-weighted sample's RGB frame, or before any sample the
-frame with the best detector view) and the face box in it, for the event's snapshot.
+frame with the best detector view) and the face box in it, for the event's snapshot, and the best sample's
+embedding and quality weight (what an edge that shares unknown visitors sends with the face crop).
 
 Single-threaded: the inference worker owns one Recognizer per camera.
 """
@@ -219,6 +220,8 @@ class TrackDecision:
     frame: np.ndarray = field(repr=False)  # RGB uint8 H x W x 3, the track's best frame (read-only, shared)
     bbox: tuple[float, float, float, float]  # the face in `frame`
     frame_ts: float  # when `frame` was taken (same clock as first_seen_ts)
+    embedding: np.ndarray = field(repr=False)  # the best (highest-weighted) sample's, float32 (dim,)
+    quality: float  # that sample's weight, (0, 1]
 
     @property
     def known(self) -> bool:
@@ -333,6 +336,7 @@ class _TrackState:
     ready: Trigger | None = None  # set when samples call for a decision
     fresh: bool = False  # a sample came since the last early vote
     best_weight: float = -1.0  # best sample's weight (-1: none yet)
+    best_embedding: np.ndarray | None = None  # that sample's embedding
     best_view: float = -1.0  # best detector view's score before any sample
     frame: np.ndarray | None = None
     bbox: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
@@ -466,14 +470,14 @@ class Recognizer:
             else:
                 ids, dist = _fit(matches.person_ids[i], matches.distances[i], cfg.k)
                 version = gallery_version
-            state.samples.append(
-                _Sample(np.asarray(embeddings[i], dtype=np.float32), quality.weight, version, ids, dist)
-            )
+            vector = np.asarray(embeddings[i], dtype=np.float32)
+            state.samples.append(_Sample(vector, quality.weight, version, ids, dist))
             state.last_sample_ts = ts
             self._samples += 1
             if quality.weight > state.best_weight:
                 state.best_weight, state.frame, state.bbox = quality.weight, image, face.detection.bbox
                 state.frame_ts = ts
+                state.best_embedding = vector
             state.fresh = True
             if len(state.samples) >= cfg.max_encodes:
                 state.ready = Trigger.MAX_SAMPLES
@@ -561,9 +565,10 @@ class Recognizer:
         wall: datetime,
     ) -> TrackDecision | None:
         state.decided = True
-        samples, frame = state.samples, state.frame
-        state.samples, state.frame = [], None  # a decided track keeps nothing heavy until it ends
-        if not samples or frame is None:
+        samples, frame, embedding = state.samples, state.frame, state.best_embedding
+        # a decided track keeps nothing heavy until it ends
+        state.samples, state.frame, state.best_embedding = [], None, None
+        if not samples or frame is None or embedding is None:
             self._unusable += 1
             log.debug("camera %s track %d: ended without a usable face, no decision", self.camera, track_id)
             return None
@@ -594,6 +599,8 @@ class Recognizer:
             frame=frame,
             bbox=state.bbox,
             frame_ts=state.frame_ts,
+            embedding=embedding,
+            quality=state.best_weight,
         )
         if decision.known:
             self._known += 1

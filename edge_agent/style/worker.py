@@ -87,12 +87,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-from edge_agent.delivery.snapshots import encode_jpeg
 from edge_agent.sqlite_store import SqliteStore, StoreSpec
 from models.cache import atomic_write_bytes
 from models.contract import timestamps, topics
 from models.contract.stylized import STYLE_NAME, StylizedSnapshot, valid_style_name
 from models.errors import BackendError, ConfigError, ImageError, PayloadError, StyleError
+from models.imageio import encode_jpeg
 
 if TYPE_CHECKING:
     from edge_agent.delivery.snapshots import SnapshotStore

@@ -3,8 +3,9 @@
 Envelope rules (DESIGN.md, "Wire contract"):
 
 - every payload is a UTF-8 JSON object with `schema` (e.g. "faceattend.attendance_event") and `schema_version`
-  ("MAJOR.MINOR", written as "1.1"; 1.1 added the server's `events_stored` confirmation, models/contract/events.py,
-  and the gallery epoch: `epoch` in the manifest and the ack, `gallery_epoch` in the edge status);
+  ("MAJOR.MINOR", written as "1.1"; 1.1 added the server's `events_stored` confirmation, models/contract/events.py;
+  the gallery epoch: `epoch` in the manifest and the ack, `gallery_epoch` in the edge status; and the unknown
+  visitor's face, `models.contract.unknown_face`);
 - a reader checks the size first (a per-kind limit, before any parsing), then UTF-8, JSON (no NaN / Infinity,
   no duplicate keys), object, `schema`;
 - major version 1 is accepted with any minor (a 1.x writer may add optional fields); another major is refused

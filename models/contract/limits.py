@@ -17,6 +17,9 @@ MAX_ACK_BYTES = 64 * KIB
 MAX_STORED_BYTES = 64 * KIB
 # event ids in one `events_stored` confirmation: 1000 canonical UUIDs are about 39 KiB of JSON
 MAX_STORED_IDS = 1000
+# An unknown visitor's face: a small JPEG crop (base64) and a 128-d embedding; the crop itself is capped below.
+MAX_UNKNOWN_FACE_BYTES = 256 * KIB
+MAX_UNKNOWN_CROP_BYTES = 160 * KIB
 # The manifest lists one sha256 per chunk: 4096 chunks x 67 bytes ("<64 hex>",) is about 270 KiB, so the
 # manifest cannot live under the 64 KiB of the other payloads.
 MAX_MANIFEST_BYTES = 512 * KIB

@@ -9,6 +9,8 @@ readers can run side by side. Layout:
     faceattend/v1/edge/{device}/events              edge -> consumers, not retained
     faceattend/v1/edge/{device}/stylized            edge -> consumers, not retained (a snapshot painted offline)
     faceattend/v1/edge/{device}/gallery/ack         edge -> server
+    faceattend/v1/edge/{device}/unknown             edge -> server only, not retained (an unknown visitor's face
+                                                    crop and embedding; sent only where the site opted in)
     faceattend/v1/device/{device}/stored            server -> that edge, not retained (since 1.1: the events the
                                                     server has stored; the edge forgets an event only then)
 
@@ -42,6 +44,7 @@ class TopicKind(str, enum.Enum):
     GALLERY_ACK = "gallery_ack"
     EDGE_STYLIZED = "edge_stylized"
     EVENTS_STORED = "events_stored"
+    EDGE_UNKNOWN = "edge_unknown"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ def events_stored(device: str) -> str:
     return f"{ROOT}/device/{validate_id(device, 'device')}/stored"
 
 
+def edge_unknown(device: str) -> str:
+    return f"{ROOT}/edge/{validate_id(device, 'device')}/unknown"
+
+
 # Subscription filters.
 ALL_EDGE_EVENTS = f"{ROOT}/edge/+/events"
 ALL_EDGE_STATUS = f"{ROOT}/edge/+/status"
@@ -107,6 +114,8 @@ SERVER_FILTERS = (ALL_EDGE_EVENTS, ALL_EDGE_STATUS, ALL_GALLERY_ACKS)
 ALL_EDGE_STYLIZED = f"{ROOT}/edge/+/stylized"
 # what the server publishes confirmations on (its broker ACL grants exactly this)
 ALL_EVENTS_STORED = f"{ROOT}/device/+/stored"
+# the server's alone (its visitor ingest): faces of people nobody enrolled are never given to consumers
+ALL_EDGE_UNKNOWN = f"{ROOT}/edge/+/unknown"
 
 
 def site_gallery_filter(site: str) -> str:
@@ -148,6 +157,8 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.GALLERY_ACK, device=device)
         if rest == ["stylized"]:
             return ParsedTopic(TopicKind.EDGE_STYLIZED, device=device)
+        if rest == ["unknown"]:
+            return ParsedTopic(TopicKind.EDGE_UNKNOWN, device=device)
     elif len(parts) == 3 and parts[0] == "device" and parts[2] == "stored":
         return ParsedTopic(TopicKind.EVENTS_STORED, device=validate_id(parts[1], "device"))
     raise TopicError(f"topic {topic!r} is not a faceattend contract topic")

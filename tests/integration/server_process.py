@@ -42,7 +42,9 @@ class Server:
         database_options: Mapping[str, Any] | None = None,
         mqtt: Mapping[str, Any] | None = None,
         client_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """`extra`: more server.yaml sections (merged over the ones written here)."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.site = site
@@ -59,13 +61,15 @@ class Server:
                     "mqtt": {"url": broker_url, "client_id": client_id or f"e2e-server-{self.port}", **(mqtt or {})},
                     "gallery": {"signing_key": str(self.key)},
                     "api": {"host": "127.0.0.1", "port": self.port},
+                    **(extra or {}),
                 }
             )
         )
         self.log = root / "server.log"
         self.env = {**os.environ, "FACEATTEND_ADMIN_TOKEN": TOKEN}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30.0)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=30.0)
         self._store: Store | None = None
 
     # CLI commands (each its own process, as an admin runs them)

@@ -59,6 +59,8 @@ from models.contract import topics
 from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes
 from models.contract.signing import Signer, Verifier
 from models.contract.status import EdgeStatus, GalleryAck
+from models.contract.unknown_face import UnknownFace
+from models.imageio import load_image
 
 HQ = "hq"
 LAB = "lab"
@@ -830,4 +832,52 @@ def test_check_config_accepts_a_good_config_and_names_what_is_wrong_in_bad_ones(
     print(
         f"\n[check-config] good config: exit 0; unknown key: exit 2, {typo_r.stderr.strip()!r}; "
         f"missing public key: exit 2, {no_key_r.stderr.strip()!r}"
+    )
+
+
+# --- 6. unknown visitors' faces: sent only where the site shares them ----------------------------------------------
+
+
+def test_unknown_visitors_faces_are_sent_only_when_the_site_shares_them(
+    world: World, agents, taps, tmp_path: Path
+) -> None:
+    """A door with `unknown_faces.share` off (the default) publishes no face at all, whatever it sees; one with it on
+    sends each unknown track's best face and embedding to the server, which stores nothing for a site that did not
+    opt in (this module's server lists no site under unknown_visitors)."""
+    tap = taps(topics.ALL_EDGE_UNKNOWN)
+    clip = tmp_path / "alex.avi"
+    render(clip, side_by_side(["Alex_Lacamoire"]), seed=SEED)  # enrolled nowhere
+
+    def play(device: str, **sections: Any) -> EdgeAgent:
+        agent = agents(agent_config(world, tmp_path, device, HQ, [file_camera("door", clip)], **sections))
+        wait_gallery(agent)
+        agent.start_cameras()
+        assert agent.cameras_finished(VIDEO_TIMEOUT_S)
+        assert wait_until(lambda: quiescent(agent.health()), timeout=30.0)
+        return agent
+
+    private = play("door-private")
+    assert private.health()["pipeline"]["decisions_unknown_total"] >= 1
+    assert private.unknown_faces is None and "unknown_faces" not in private.health()
+    sharing = play("door-sharing", unknown_faces={"share": True})
+    unknown_decisions = sharing.health()["pipeline"]["decisions_unknown_total"]
+    assert unknown_decisions >= 1
+    assert wait_until(lambda: sharing.health()["unknown_faces"]["acknowledged"] >= unknown_decisions, timeout=30.0)
+    # the private door's run came first: had it sent anything, it would have arrived before the sharing door's faces
+    got = [UnknownFace.from_json(d.payload) for d in tap.deliveries()]
+    assert {f.device_id for f in got} == {"door-sharing"}, [d.topic for d in tap.deliveries()]
+    assert len(got) == unknown_decisions == sharing.health()["unknown_faces"]["sent"]
+    pipeline = sharing.pipeline
+    for face in got:
+        assert face.site == HQ and face.camera == "door" and len(face.embedding) == 128 and 0 < face.quality <= 1
+        assert face.fingerprint == pipeline.fingerprint and face.gallery_version == world.server.latest_version(HQ)
+        assert face.distance is None or face.distance > 0.4
+        crop = load_image(face.jpeg_bytes())
+        assert max(crop.shape[:2]) <= 320 and len(pipeline.embed(crop)) == 1  # the face, with its head around it
+    time.sleep(1.0)
+    assert world.server.store.count_unknown_faces() == 0  # this server's sites did not opt in
+    print(
+        f"\n[unknown faces] share off: {private.health()['pipeline']['decisions_unknown_total']} unknown decision(s), "
+        f"nothing published; share on: {len(got)} face(s) sent ({sum(len(f.crop_jpeg) for f in got) // len(got)} "
+        f"base64 bytes each on average), none stored by a server whose site did not opt in"
     )

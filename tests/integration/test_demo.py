@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from edge_agent.devtools.demo import DEMO_PEOPLE
+from enrollment_server.store import Store
 from models.contract.events import AttendanceEvent
 
 
@@ -37,6 +39,17 @@ def test_demo_recognises_every_enrolled_person_once_and_no_stranger(tmp_path: Pa
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     snapshots = tmp_path / "demo" / "edge" / "snapshots"
     assert all((snapshots / e.snapshot).is_file() for e in events if e.snapshot)
+    # while it runs, the demo says where its web console is and how to sign in (stderr: stdout is JSON lines)
+    console = re.search(
+        r"web console: (http://127\.0\.0\.1:\d+/console) \(sign in with the admin token (\S+)\)", proc.stderr
+    )
+    assert console and len(console.group(2)) >= 16, proc.stderr[-2000:]
+    # the demo's site shares its unknown visitors: the strangers' faces reached the server for the console
+    store = Store.open(tmp_path / "demo" / "server.db")
+    try:
+        assert store.count_unknown_faces("demo") >= 1
+    finally:
+        store.close()
 
 
 def test_demo_rejects_unusable_people_folders(tmp_path: Path) -> None:

@@ -36,12 +36,20 @@ from deploy_broker import (
     server_config,
 )
 
-from enrollment_server.provisioning import AclBlock, BrokerAuth, consumer_acl, device_acl, hash_password
+from enrollment_server.provisioning import (
+    HOME_ASSISTANT_PREFIX,
+    AclBlock,
+    BrokerAuth,
+    consumer_acl,
+    device_acl,
+    hash_password,
+)
 from models.contract import topics
 from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink, Will, shared_filter
 
 DEVICES = {"door-1": "hq", "door-2": "hq", "gate-7": "annex"}
 CONSUMER = "reports"
+HOME_ASSISTANT = "home-assistant"  # a consumer made with broker-user --home-assistant
 OBSERVER = "observer"  # test-only user that reads the whole contract tree
 DELIVERY_S = 5.0
 MAKE_CERTS = REPO / "deploy" / "mosquitto" / "make-certs.sh"
@@ -112,6 +120,8 @@ def site(deploy_broker: DeployBroker) -> Iterator[Site]:
     auth = BrokerAuth(deploy_broker.auth_dir)
     passwords = {name: auth.upsert(device_acl(name, s)).password for name, s in DEVICES.items()}
     passwords[CONSUMER] = auth.upsert(consumer_acl(CONSUMER)).password
+    ha_block = consumer_acl(HOME_ASSISTANT, home_assistant_prefix=HOME_ASSISTANT_PREFIX)
+    passwords[HOME_ASSISTANT] = auth.upsert(ha_block).password
     passwords[OBSERVER] = "observer-secret"
     with auth.acl.open("a") as fh:
         fh.write(f"\nuser {OBSERVER}\ntopic read {topics.ROOT}/#\n")
@@ -253,6 +263,7 @@ def test_a_device_cannot_publish_as_another_device_nor_publish_a_gallery(site):
         (topics.gallery_ack("door-2"), b"forged ack", False),
         (topics.gallery_manifest("hq"), b"forged manifest", True),
         (topics.gallery_blob("hq", 0), b"forged chunk", True),
+        (topics.edge_unknown("door-2"), b"forged face", False),
         (f"{topics.ROOT}/edge/door-1-extra/events", b"prefix is not the device", False),
         # confirmations are the server's word: not even for its own events may a device write one
         (topics.events_stored("door-2"), b"forged confirmation", False),
@@ -338,6 +349,57 @@ def test_a_consumer_reads_events_and_statuses_and_cannot_publish(site):
     assert b"from the consumer" not in inbox.payloads()
     assert b"gallery" not in consumer_inbox.payloads()  # galleries are for edges only
     assert b"stored" not in consumer_inbox.payloads()  # confirmations too
+
+
+def test_unknown_visitors_faces_reach_the_server_alone(site):
+    """A device sends its own unknown faces to the server; no consumer (Home Assistant included) and no other
+    device reads them."""
+    server = site.server()
+    server_inbox = Inbox(server, topics.ALL_EDGE_UNKNOWN)
+    consumer_inbox = Inbox(site.connect(CONSUMER), topics.ALL_EDGE_UNKNOWN, f"{topics.ROOT}/#")
+    ha_inbox = Inbox(site.connect(HOME_ASSISTANT), topics.ALL_EDGE_UNKNOWN, f"{topics.ROOT}/#")
+    door2_inbox = Inbox(site.connect("door-2"), topics.ALL_EDGE_UNKNOWN, f"{topics.ROOT}/edge/#")
+    door1 = site.connect("door-1", protocol="5")
+    handle = door1.publish(topics.edge_unknown("door-1"), b"a face", qos=1)
+    assert handle.wait(DELIVERY_S) and not handle.rejected
+    server_inbox.wait_for(topics.edge_unknown("door-1"), b"a face")
+    # after a marker every consumer received, the face has certainly been routed (or not) to them too
+    assert door1.publish(topics.edge_events("door-1"), b"marker", qos=1).wait(DELIVERY_S)
+    consumer_inbox.wait_for(topics.edge_events("door-1"), b"marker")
+    ha_inbox.wait_for(topics.edge_events("door-1"), b"marker")
+    time.sleep(0.3)
+    for inbox in (consumer_inbox, ha_inbox, door2_inbox):
+        assert b"a face" not in inbox.payloads(), inbox.topics()
+
+
+def test_home_assistant_discovery_rights(site):
+    """The server publishes discovery under homeassistant/# and reads Home Assistant's birth message; a Home
+    Assistant user reads the discovery and publishes its birth message, nothing else; a plain consumer does neither."""
+    server = site.server()
+    birth_inbox = Inbox(server, f"{HOME_ASSISTANT_PREFIX}/status")
+    ha = site.connect(HOME_ASSISTANT, protocol="5")
+    ha_inbox = Inbox(ha, f"{HOME_ASSISTANT_PREFIX}/#")
+    config_topic = f"{HOME_ASSISTANT_PREFIX}/sensor/faceattend/door-1_last_person/config"
+    assert server.publish(config_topic, b"{}", qos=1).wait(DELIVERY_S)
+    ha_inbox.wait_for(config_topic, b"{}")
+    birth = ha.publish(f"{HOME_ASSISTANT_PREFIX}/status", b"online", qos=1)
+    assert birth.wait(DELIVERY_S) and not birth.rejected
+    birth_inbox.wait_for(f"{HOME_ASSISTANT_PREFIX}/status", b"online")
+    # Home Assistant may not announce entities itself, nor publish as a door
+    for topic in (config_topic, topics.edge_events("door-1"), topics.gallery_manifest("hq")):
+        handle = ha.publish(topic, b"from home assistant", qos=1)
+        assert handle.wait(DELIVERY_S) and handle.rejected and handle.reason_code == 0x87, topic
+    # a plain consumer reads no discovery and cannot fake the birth message
+    consumer = site.connect(CONSUMER, protocol="5")
+    consumer_inbox = Inbox(consumer, f"{HOME_ASSISTANT_PREFIX}/#")
+    refused = consumer.publish(f"{HOME_ASSISTANT_PREFIX}/status", b"online from a consumer", qos=1)
+    assert refused.wait(DELIVERY_S) and refused.rejected
+    assert server.publish(config_topic, b"{ }", qos=1).wait(DELIVERY_S)
+    ha_inbox.wait_for(config_topic, b"{ }")
+    time.sleep(0.3)
+    assert consumer_inbox.got == []
+    assert b"from home assistant" not in ha_inbox.payloads()
+    assert b"online from a consumer" not in birth_inbox.payloads()
 
 
 def _raw_client_with_will(site: Site, device: str, will_topic: str, will_payload: bytes) -> mqtt.Client:

@@ -46,6 +46,8 @@ def decision(person: str | None, ts: float, *, camera: str = "front", track: int
         frame=FRAME,
         bbox=(0.0, 0.0, 2.0, 2.0),
         frame_ts=ts - 0.5,
+        embedding=np.zeros(128, np.float32),
+        quality=0.9,
     )
 
 

@@ -33,6 +33,7 @@ from models.contract.gallery import (
 from models.contract.signing import Signer, Verifier
 from models.contract.status import EdgeStatus, GalleryAck
 from models.contract.timestamps import normalise_utc
+from models.contract.unknown_face import UnknownFace, encode_crop
 from models.errors import (
     ConfigError,
     ContractError,
@@ -992,6 +993,76 @@ def test_assembler_bad_blob_behind_valid_signature(signer):
     assert len(feed_all(asm, [v2.manifest_msg(), *v2.chunk_msgs()])) == 1
 
 
+# ---------------------------------------------------------------- unknown visitor's face (1.1)
+
+# the markers a JPEG starts and ends with: the codec checks the magic only (the server decodes the image itself)
+TINY_JPEG = b"\xff\xd8\xff\xe0" + bytes(range(16)) + b"\xff\xd9"
+
+
+def unknown_face(**over) -> UnknownFace:
+    fields = dict(
+        face_id="9a3c1c52-0d7e-4f3b-8a41-6c2e5b1d7f90",
+        device_id="door-1",
+        site=SITE,
+        camera="cam0",
+        track_id=12,
+        ts="2026-01-02T03:04:07Z",
+        fingerprint=FP,
+        gallery_version=3,
+        distance=0.71875,
+        quality=0.625,
+        embedding=(0.125, -0.25, 0.5, -1.0),
+        crop_jpeg=encode_crop(TINY_JPEG),
+    )
+    fields.update(over)
+    return UnknownFace(**fields)
+
+
+def test_unknown_face_topic_and_round_trip():
+    assert topics.edge_unknown("door-1") == "faceattend/v1/edge/door-1/unknown"
+    parsed = topics.parse_topic(topics.edge_unknown("d.1"))
+    assert parsed == topics.ParsedTopic(topics.TopicKind.EDGE_UNKNOWN, device="d.1")
+    import paho.mqtt.client as mqtt
+
+    assert mqtt.topic_matches_sub(topics.ALL_EDGE_UNKNOWN, topics.edge_unknown("door-9"))
+    assert topics.ALL_EDGE_UNKNOWN not in topics.SERVER_FILTERS  # its own subscriber, see enrollment_server
+    face = unknown_face(face_id="9A3C1C52-0D7E-4F3B-8A41-6C2E5B1D7F90", ts="2026-01-02T03:04:07+00:00")
+    again = UnknownFace.from_json(face.to_json())
+    assert again == face and again.face_id == "9a3c1c52-0d7e-4f3b-8a41-6c2e5b1d7f90"
+    assert again.ts == "2026-01-02T03:04:07.000000Z" and again.jpeg_bytes() == TINY_JPEG
+    assert json.loads(face.to_json())["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert unknown_face(distance=None).distance is None  # decided without a gallery
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("face_id", "not-a-uuid", "UUID"),
+        ("device_id", "door/1", "valid id"),
+        ("quality", 0.0, "quality"),
+        ("quality", 1.5, "quality"),
+        ("distance", -0.1, ">= 0"),
+        ("embedding", (), "embedding"),
+        ("embedding", (0.1,) * (limits.MAX_DIM + 1), "embedding"),
+        ("embedding", ("x",), "embedding"),
+        ("crop_jpeg", "not base64!", "base64"),
+        ("crop_jpeg", encode_crop(b"\x89PNG\r\n\x1a\n"), "JPEG"),
+        ("crop_jpeg", encode_crop(b"\xff\xd8\xff" + b"\x00" * limits.MAX_UNKNOWN_CROP_BYTES), "limit"),
+        ("ts", "2026-01-02 03:04:07", "ts"),
+    ],
+)
+def test_unknown_face_refuses_bad_fields(field, value, why):
+    with pytest.raises(PayloadError, match=why):
+        unknown_face(**{field: value})
+
+
+def test_unknown_face_size_is_checked_before_parsing():
+    big = unknown_face().to_object()
+    big["padding"] = "x" * limits.MAX_UNKNOWN_FACE_BYTES
+    with pytest.raises(PayloadError, match="exceeds"):
+        UnknownFace.from_json(canonical_json(big))
+
+
 # ---------------------------------------------------------------- golden payloads
 #
 # Byte-exact payloads, one folder per schema version (tests/golden/<MAJOR.MINOR>/), frozen once written. The writer
@@ -1011,9 +1082,15 @@ KINDS = {
     "gallery_ack.json": GalleryAck,
     "gallery_manifest.json": GalleryManifest,
     "events_stored.json": EventsStored,
+    "unknown_face.json": UnknownFace,
 }
-# payload kinds added by a minor version: older folders do not have them
-INTRODUCED = {"events_stored.json": "1.1"}
+# payloads a minor version added: older folders do not have them
+SINCE = {"events_stored.json": "1.1", "unknown_face.json": "1.1"}
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")
+    return int(major), int(minor)
 
 
 def golden_versions() -> list[Path]:
@@ -1062,6 +1139,7 @@ def golden_payloads() -> dict[str, bytes]:
         "gallery_ack.json": ack.to_json(),
         "events_stored.json": stored().to_json(),
         "gallery_manifest.json": manifest.to_json(),
+        "unknown_face.json": unknown_face().to_json(),
         "gallery_blob.bin": b"".join(chunks),
         "gallery_signing_key.pub": golden_signer().verifier.public_pem().encode(),
     }
@@ -1086,8 +1164,8 @@ def test_the_writers_version_has_its_frozen_goldens_and_reproduces_them():
 def test_every_older_golden_of_this_major_still_decodes(folder: Path):
     assert folder.name.split(".")[0] == SCHEMA_VERSION.split(".")[0]  # a new major gets a new topic root
     for name, cls in KINDS.items():
-        if _minor(folder.name) < _minor(INTRODUCED.get(name, "1.0")):
-            assert not (folder / name).exists(), name
+        if _version(folder.name) < _version(SINCE.get(name, "1.0")):
+            assert not (folder / name).exists(), f"{folder.name} predates {name}"
             continue
         decoded = cls.from_json((folder / name).read_bytes())
         # what every version carries still means the same
@@ -1102,10 +1180,6 @@ def test_every_older_golden_of_this_major_still_decodes(folder: Path):
         assert (manifest.epoch, ack.epoch, edge.gallery_epoch) == (0, None, None)
     else:
         assert manifest.release == (1_767_225_600_000, 7) and ack.epoch == edge.gallery_epoch == manifest.epoch
-
-
-def _minor(version: str) -> int:
-    return int(version.split(".")[1])
 
 
 @pytest.mark.parametrize("folder", golden_versions(), ids=lambda d: d.name)

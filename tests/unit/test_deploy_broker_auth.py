@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from enrollment_server.config import config_from_dict
 from enrollment_server.provisioning import (
+    SERVER_RULES,
     AclBlock,
     BrokerAuth,
     ProvisioningError,
@@ -84,10 +85,9 @@ def test_the_shipped_acl_grants_the_server_exactly_its_contract_topics():
     parts = _parse_acl(SHIPPED_ACL.read_text(), SHIPPED_ACL)
     rules = [ln.strip() for ln in parts if isinstance(ln, str) and ln.strip() and not ln.lstrip().startswith("#")]
     assert rules[0] == "user enrollment-server"  # nothing before the first user line (that would be anonymous)
-    assert sorted(rules[1:]) == sorted(
-        [f"topic write {topics.ROOT}/site/+/gallery/#", f"topic write {topics.ALL_EVENTS_STORED}"]
-        + [f"topic read {f}" for f in topics.SERVER_FILTERS]
-    )
+    assert sorted(rules[1:]) == sorted(SERVER_RULES)
+    assert f"topic write {topics.ALL_EVENTS_STORED}" in rules
+    assert f"topic read {topics.ALL_EDGE_UNKNOWN}" in rules and "topic write homeassistant/#" in rules
     assert not any(isinstance(p, AclBlock) for p in parts)
     assert "pattern" not in " ".join(rules)
 
@@ -104,6 +104,15 @@ def test_device_and_consumer_blocks():
     consumer = consumer_acl("reports")
     assert all(r.startswith("topic read ") for r in consumer.rules)
     assert f"topic read {topics.ALL_EDGE_EVENTS}" in consumer.rules
+    assert not any("unknown" in r for r in consumer.rules)  # faces of unknown visitors are the server's alone
+    ha = consumer_acl("home-assistant", home_assistant_prefix="homeassistant")
+    assert ha.rules == (
+        *consumer.rules,
+        "topic read homeassistant/#",
+        "topic write homeassistant/status",
+    )
+    with pytest.raises(ConfigError):
+        consumer_acl("ha", home_assistant_prefix="home/assistant")
     for bad in ("", "a/b", "#", "+", "door 1", "x" * 65):
         with pytest.raises(ConfigError):
             device_acl(bad, "hq")
