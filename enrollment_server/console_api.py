@@ -107,7 +107,8 @@ class ConsoleDoorOut(BaseModel):
     agent_version: str | None
     gallery_version: int | None
     latest_version: int | None
-    lag: int
+    lag: int | None  # versions behind (negative: ahead); None across gallery epochs
+    sync: str  # current / behind / ahead / other_epoch / unpublished (enrollment_server.store.SYNC_STATES)
     fps: float | None
     outbox_depth: int | None
     outbox_oldest_age_s: float | None
@@ -211,9 +212,10 @@ def _door_out(d: Device, last: Any, now: datetime, stale_after_s: float) -> Cons
         gallery_version=d.gallery_version,
         latest_version=d.latest_site_version,
         lag=d.lag,
+        sync=d.sync,
         fps=_number(health, "pipeline", "fps"),
         outbox_depth=None if depth is None else int(depth),
-        outbox_oldest_age_s=_number(health, "outbox", "oldest_age_s"),
+        outbox_oldest_age_s=_number(health, "outbox", "oldest_unconfirmed_age_s"),
         mqtt_connected=connected if isinstance(connected, bool) else None,
         last_seen=d.last_seen,
         last_event=None if last is None else LastEventOut(ts=last.ts, person_id=last.person_id, name=last.name),

@@ -293,7 +293,8 @@ def test_attendance_per_person_and_door_with_arrivals_per_hour_and_csv(console: 
 def test_doors_show_state_gallery_figures_last_event_and_flag_stale_ones(console: Console) -> None:
     store = console.store
     now = datetime.now(UTC)
-    health = {"pipeline": {"fps": 14.25}, "outbox": {"depth": 3, "oldest_age_s": 42.0}, "mqtt_connected": True}
+    outbox = {"depth": 3, "oldest_unconfirmed_age_s": 42.0}
+    health = {"pipeline": {"fps": 14.25}, "outbox": outbox, "mqtt_connected": True}
     for device, state, seen in (("door-1", "online", now), ("door-2", "online", now - timedelta(minutes=10))):
         store.upsert_device_status(DeviceStatus(device, SITE, state, seen, "0.1.0", 1, "fp", health), received=seen)
     store.upsert_device_status(DeviceStatus("gate-3", "lab", "offline", now, "0.1.0", None, "fp", {}), received=now)
@@ -305,6 +306,8 @@ def test_doors_show_state_gallery_figures_last_event_and_flag_stale_ones(console
     assert (d1["state"], d1["stale"], d2["stale"]) == ("online", False, True)  # silent for 10 minutes
     assert d1["fps"] == 14.25 and d1["outbox_depth"] == 3 and d1["outbox_oldest_age_s"] == 42.0
     assert d1["mqtt_connected"] is True and d1["gallery_version"] == 1
+    # the site has published nothing this database knows of: the door is not shown as "current" (lag 0)
+    assert (d1["sync"], d1["lag"], d1["latest_version"]) == ("unpublished", None, None)
     assert d1["last_event"]["person_id"] == "ann" and d2["last_event"] is None
     assert doors["gate-3"]["state"] == "offline" and not doors["gate-3"]["stale"] and doors["gate-3"]["fps"] is None
     assert [d["device_id"] for d in console.get("/console/doors", params={"site": SITE}).json()["doors"]] == [

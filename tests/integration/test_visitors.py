@@ -95,22 +95,22 @@ def test_retention_deletes_by_age_by_count_and_sites_no_longer_opted_in(store: S
         store.purge_unknown_faces(sites=[], older_than=T0, keep=-1)
 
 
-def test_a_version_1_database_is_upgraded_with_its_templates_kept(db: Db) -> None:
+def test_a_database_from_before_thumbnails_is_upgraded_with_its_templates_kept(db: Db) -> None:
     store = Store.open(db.url)
     store.ensure_site(SITE)
     store.add_person("ann", SITE, "Ann")
     store.add_template("ann", np.ones(128, np.float32), encoder_fingerprint="fp", image_sha256="a" * 64)
     store.close()
-    # back to what version 1 wrote: no thumbnail column, no unknown_faces table
+    # back to what version 2 wrote: no thumbnail column, no unknown_faces table
     engine = db.engine()
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE templates DROP COLUMN thumbnail"))
         conn.execute(text("DROP TABLE unknown_faces"))
-        conn.execute(text("DELETE FROM schema_version WHERE version = 2"))
+        conn.execute(text("DELETE FROM schema_version WHERE version = 3"))
     engine.dispose()
     store = Store.open(db.url)
     try:
-        assert store.schema_version() == schema.LATEST_VERSION == 2
+        assert store.schema_version() == schema.LATEST_VERSION == 3
         [t] = store.list_templates(person_id="ann")
         assert not t.has_thumbnail and store.template_thumbnail(t.id) is None
         new = store.add_template(

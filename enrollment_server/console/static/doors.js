@@ -28,7 +28,7 @@
     const online = doors.filter((d) => d.state === "online" && !d.stale).length;
     const stale = doors.filter((d) => d.stale).length;
     const down = doors.filter((d) => d.state === "offline").length;
-    const behind = doors.filter((d) => d.lag > 0).length;
+    const behind = doors.filter((d) => d.sync !== "current").length;
     const toggle = el("label", { class: "check" }, el("input", { type: "checkbox", checked: allSites, onchange: (e) => { allSites = e.target.checked; load(root).catch(FA.failed); } }), "All sites");
     clear(
       root,
@@ -37,7 +37,7 @@
         tile("Online", online, online === doors.length && doors.length ? "ok" : ""),
         tile("Stale", stale, stale ? "warn" : ""),
         tile("Offline", down, down ? "bad" : ""),
-        tile("Gallery behind", behind, behind ? "warn" : "")),
+        tile("Gallery not current", behind, behind ? "warn" : "")),
       el("div", { class: "toolbar" },
         el("span", { class: "muted small" }, `A door is stale when it says online but the server has not heard from it for ${Math.round(data.stale_after_s)} s. Refreshed every 5 s.`),
         el("span", { class: "grow" }), toggle),
@@ -69,7 +69,19 @@
   function gallery(d) {
     const applied = d.gallery_version === null ? "none" : `v${d.gallery_version}`;
     const latest = d.latest_version === null ? "" : ` of v${d.latest_version}`;
-    return el("div", {}, `${applied}${latest} `, d.lag > 0 ? el("span", { class: "badge warn plain" }, `${d.lag} behind`) : el("span", { class: "badge ok plain" }, "current"));
+    return el("div", {}, `${applied}${latest} `, syncBadge(d));
+  }
+
+  // where the door's gallery stands against the site's newest release (enrollment_server.store.SYNC_STATES)
+  function syncBadge(d) {
+    const text = {
+      current: "current",
+      behind: `${d.lag} behind`,
+      ahead: `${d.lag === null ? "" : -d.lag + " "}ahead (restored server?)`,
+      other_epoch: "other epoch",
+      unpublished: "nothing published",
+    }[d.sync] || d.sync;
+    return el("span", { class: `badge ${d.sync === "current" ? "ok" : "warn"} plain` }, text);
   }
 
   function outbox(d) {
