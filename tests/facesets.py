@@ -22,7 +22,6 @@ SHARED = Path(os.environ.get("FACEATTEND_SHARED") or REPO.parent / "shared")
 DEV_FACES = SHARED / "data" / "faces"
 LFW_DEV = SHARED / "data" / "lfw-dev"
 REFERENCE_EVAL = SHARED / "eval"
-STYLES = SHARED / "data" / "styles"
 
 
 def people() -> list[str]:

@@ -379,7 +379,12 @@ class PahoMqttLink(MqttLink):
                 return
             self._stopped = True
         self._client.disconnect()
-        self._client.loop_stop()
+        try:
+            self._client.loop_stop()
+        except AttributeError:
+            # paho 2.x race (eclipse-paho/paho.mqtt.python#872): after disconnect() the network thread may end on
+            # its own and clear its handle between loop_stop()'s check and its join(); the thread is gone either way
+            log.debug("mqtt: network thread ended before loop_stop() joined it")
         self._connected.clear()
         with self._lock:
             pending = list(self._pending.values())

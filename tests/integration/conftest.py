@@ -322,9 +322,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                     report.sections.append((f"mosquitto log (port {broker.port})", broker.log_text()[-20000:]))
 
 
-# ---- real faces: the development set and one pipeline per module ----
-
-DEV_FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+# ---- real faces: the test face set and one pipeline per module ----
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +333,6 @@ def pipeline() -> Iterator[FacePipeline]:
 
 
 @pytest.fixture(scope="module")
-def people() -> dict[str, tuple[Path, ...]]:
-    """The development set, one entry per person (skips where ../shared is absent)."""
-    if not DEV_FACES.is_dir():
-        pytest.skip("the development face set (../shared/data/faces) is absent")
-    return load_people(DEV_FACES)
+def people(test_faces: Path) -> dict[str, tuple[Path, ...]]:
+    """The test face set (tests/facesets.py), one entry per person, read by the video generator's own loader."""
+    return load_people(test_faces)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import facesets
 import httpx
 import numpy as np
 import pytest
@@ -38,9 +39,6 @@ from models.errors import ConfigError, StoreError
 from models.face import quality as q
 from models.face.pipeline import FacePipeline
 from models.imageio import load_image
-
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -129,10 +127,6 @@ def sqlite_api(sqlite_store: Store, pipe: FacePipeline) -> Api:
 
 
 # --- photos -----------------------------------------------------------------------------------------------------
-
-
-def _photos(person: str) -> list[Path]:
-    return sorted((FACES / person).iterdir())
 
 
 def _blob(p: Path) -> tuple[str, bytes]:
@@ -282,7 +276,7 @@ def test_validation_errors_name_the_field(api: Api) -> None:
 
 
 def test_upload_good_photos_creates_the_person_and_publishes(api: Api) -> None:
-    photos = [_blob(p) for p in _photos("Jennifer_Aniston")[:3]]
+    photos = [_blob(p) for p in facesets.photos("Jennifer_Aniston")[:3]]
     r = api.upload("jen", photos, name="Jennifer Aniston", site=SITE)
     assert r.status_code == 200, r.text
     report = r.json()
@@ -301,12 +295,12 @@ def test_upload_good_photos_creates_the_person_and_publishes(api: Api) -> None:
     assert "embedding" not in template and "embedding" not in r.text
 
     # more photos for the same person: no name needed
-    more = api.upload("jen", [_blob(_photos("Jennifer_Aniston")[5])])
+    more = api.upload("jen", [_blob(facesets.photos("Jennifer_Aniston")[5])])
     assert more.status_code == 200 and more.json()["person_created"] is False and more.json()["added"] == 1
     assert api.changes == [SITE, SITE]
 
     # a template is deleted through its own person only
-    api.upload("obama", [_blob(_photos("Barack_Obama")[0])], name="Barack Obama")
+    api.upload("obama", [_blob(facesets.photos("Barack_Obama")[0])], name="Barack Obama")
     obama_template = api.get("/people/obama").json()["templates"][0]["template_id"]
     assert api.delete(f"/people/jen/faces/{obama_template}").status_code == 404
     first = person["templates"][0]["template_id"]
@@ -324,7 +318,7 @@ def test_upload_good_photos_creates_the_person_and_publishes(api: Api) -> None:
 
 
 def test_each_rejected_photo_gets_its_specific_reason(sqlite_api: Api, tmp_path: Path) -> None:
-    aniston = _photos("Jennifer_Aniston")
+    aniston = facesets.photos("Jennifer_Aniston")
     jpeg = aniston[0].read_bytes()
     before = sorted(tmp_path.rglob("*"))
     photos = [
@@ -386,7 +380,7 @@ def test_an_upload_that_adds_nothing_is_422_with_the_report(sqlite_api: Api) -> 
 
 
 def test_a_probable_duplicate_identity_needs_the_override(sqlite_api: Api) -> None:
-    obama = _photos("Barack_Obama")
+    obama = facesets.photos("Barack_Obama")
     assert sqlite_api.upload("obama", [_blob(obama[0])], name="Barack Obama").status_code == 200
     flagged = sqlite_api.upload("b-obama", [_blob(obama[2])], name="B. Obama")
     assert flagged.status_code == 422
@@ -400,7 +394,7 @@ def test_a_probable_duplicate_identity_needs_the_override(sqlite_api: Api) -> No
 
 
 def test_upload_targets_and_form_fields(sqlite_api: Api) -> None:
-    photo = _blob(_photos("Elon_Musk")[0])
+    photo = _blob(facesets.photos("Elon_Musk")[0])
     missing = sqlite_api.upload("elon", [photo])  # no such person and no name to create them
     assert missing.status_code == 404 and "name" in missing.json()["detail"]
     assert _field_error(sqlite_api.upload("elon", [photo], name="Elon", site="mars")) == ["site"]
@@ -410,7 +404,7 @@ def test_upload_targets_and_form_fields(sqlite_api: Api) -> None:
     assert _field_error(wrong_field) == ["photo"]
     sqlite_api.store.ensure_site("branch")
     assert sqlite_api.upload("elon", [photo], name="Elon Musk", site="branch").status_code == 200
-    elsewhere = sqlite_api.upload("elon", [_blob(_photos("Elon_Musk")[1])], site=SITE)
+    elsewhere = sqlite_api.upload("elon", [_blob(facesets.photos("Elon_Musk")[1])], site=SITE)
     assert elsewhere.status_code == 409 and "branch" in elsewhere.json()["detail"]
     assert sqlite_api.changes == ["branch"]
 
@@ -423,7 +417,7 @@ def test_people_from_folder_names_stay_addressable(sqlite_api: Api) -> None:
     assert sqlite_api.get("/attendance", params={"person_id": "José García"}).status_code == 200
     assert sqlite_api.delete("/people/José García").status_code == 200
     assert _field_error(sqlite_api.post("/people", json={"person_id": "José García", "name": "J"})) == ["person_id"]
-    photo = _blob(_photos("Elon_Musk")[0])
+    photo = _blob(facesets.photos("Elon_Musk")[0])
     refused = sqlite_api.upload("Elon Musk", [photo], name="Elon Musk")
     assert _field_error(refused) == ["person_id"] and refused.json()["fields"][0]["location"] == "path"
 
@@ -481,7 +475,7 @@ def test_an_oversized_upload_is_refused_before_it_is_read(sqlite_store: Store, p
     # JSON endpoints have their own small cap
     assert client.post(f"{V1}/people", headers=AUTH, json={"person_id": "x", "name": "y" * 70_000}).status_code == 413
     # a good upload under the cap still works
-    small = _blob(_photos("Jennifer_Aniston")[1])  # 20 kB
+    small = _blob(facesets.photos("Jennifer_Aniston")[1])  # 26 kB
     ok = client.post(f"{V1}/people/jen/faces", headers=AUTH, files=[("files", small)])
     assert ok.status_code == 404  # reached the route: no person and no name
 
@@ -536,7 +530,7 @@ class _GatedEnroller:
 def test_enrollment_runs_off_the_event_loop_one_at_a_time(sqlite_store: Store, pipe: FacePipeline) -> None:
     gated = _GatedEnroller(Enroller(sqlite_store, pipe, EnrollmentSection()))
     api = _api(sqlite_store, gated)
-    photos = {"jen": _photos("Jennifer_Aniston")[0], "obama": _photos("Barack_Obama")[0]}
+    photos = {"jen": facesets.photos("Jennifer_Aniston")[0], "obama": facesets.photos("Barack_Obama")[0]}
     results: dict[str, int] = {}
     with TestClient(api.app) as client:  # one event loop for every request
 
@@ -570,7 +564,7 @@ def test_a_failing_publisher_never_loses_the_change(sqlite_store: Store, pipe: F
         raise RuntimeError("broker unreachable")
 
     api = _api(sqlite_store, Enroller(sqlite_store, pipe, EnrollmentSection()), on_change=broken)
-    r = api.upload("jen", [_blob(_photos("Jennifer_Aniston")[0])], name="Jen")
+    r = api.upload("jen", [_blob(facesets.photos("Jennifer_Aniston")[0])], name="Jen")
     assert r.status_code == 200
     assert r.json()["gallery"] == {"changed": True, "published": False, "error": "RuntimeError: broker unreachable"}
     assert sqlite_store.count_templates(person_id="jen") == 1

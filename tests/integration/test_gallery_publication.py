@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import facesets
 import numpy as np
 import pytest
 from waiting import wait_until
@@ -40,7 +41,6 @@ from models.errors import (
 from models.imageio import load_image
 
 REPO = Path(__file__).resolve().parents[2]
-FACES = REPO.parent / "shared" / "data" / "faces"
 SITE = "hq"
 SYNTHETIC_FP = "dlib_resnet_v1-synthetic0000000"
 PEOPLE = {"obama": "Barack_Obama", "jolie": "Angelina_Jolie", "musk": "Elon_Musk"}
@@ -128,15 +128,13 @@ class Faces:
 
 @pytest.fixture(scope="module")
 def faces() -> Faces:
-    """Real embeddings: two photos each of three people of the development set, through the real pipeline."""
-    if not FACES.is_dir():
-        pytest.skip(f"the development face set {FACES} is absent")
+    """Real embeddings: two photos each of three people of the test face set, through the real pipeline."""
     from models.face.pipeline import FacePipeline
 
     pipeline = FacePipeline.create()
     templates: dict[str, list[tuple[str, np.ndarray]]] = {}
     for person_id, folder in PEOPLE.items():
-        for path in sorted((FACES / folder).glob("*.jpg"))[:2]:
+        for path in facesets.photos(folder)[:2]:
             found = pipeline.embed(load_image(path))
             assert found, f"no face in {path}"
             best = max(found, key=lambda f: f.detection.width * f.detection.height)

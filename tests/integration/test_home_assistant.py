@@ -21,7 +21,7 @@ import json
 import re
 from datetime import datetime, timezone
 
-import pytest
+import jinja2
 from agent_helpers import Tap
 from waiting import wait_until
 
@@ -30,8 +30,6 @@ from enrollment_server.home_assistant import EVENT_TYPES, HomeAssistantDiscovery
 from models.contract import topics
 from models.contract.events import new_event
 from models.contract.status import EdgeStatus
-
-jinja2 = pytest.importorskip("jinja2")
 
 # the discovery topic, "MQTT Discovery" > "Discovery topic"
 TOPIC = re.compile(

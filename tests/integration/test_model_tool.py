@@ -8,18 +8,12 @@ import re
 import zlib
 from pathlib import Path
 
+import facesets
 import numpy as np
 import pytest
 from PIL import Image
 
 from models.cli.model_tool import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_UNAVAILABLE, main
-
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
-
-
-def _photos(person: str) -> list[Path]:
-    return sorted((FACES / person).iterdir())
 
 
 def _run(capsys, *argv: str) -> tuple[int, list[dict]]:
@@ -36,7 +30,7 @@ def _save(img: Image.Image, path: Path, fmt: str = "PNG", **kw) -> Path:
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bad")
-    good = _photos("Barack_Obama")[0].read_bytes()
+    good = facesets.photos("Barack_Obama")[0].read_bytes()
     files = {
         "zero": d / "zero.jpg",
         "text": d / "notes.jpg",
@@ -63,7 +57,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
 def odd_images(tmp_path_factory) -> dict[str, Path]:
     """Valid but unusual encodings of one real face photo."""
     d = tmp_path_factory.mktemp("odd")
-    rgb = Image.open(_photos("Barack_Obama")[0]).convert("RGB")
+    rgb = Image.open(facesets.photos("Barack_Obama")[0]).convert("RGB")
     gray = rgb.convert("L")
     out = {
         "rgb": _save(rgb, d / "rgb.png"),
@@ -77,8 +71,8 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
     out["exif"] = _save(rgb.rotate(-90, expand=True), d / "exif.jpg", "JPEG", exif=exif.tobytes(), quality=95)
     out["noface"] = _save(Image.fromarray(np.full((480, 640, 3), 128, np.uint8)), d / "grey.png")
     # 30 faces: a 6 x 5 mosaic of different people's photos
-    people = sorted(p for p in FACES.iterdir() if p.is_dir())[:30]
-    tiles = [Image.open(sorted(p.iterdir())[0]).convert("RGB").resize((200, 200)) for p in people]
+    people = facesets.people()[:30]
+    tiles = [Image.open(facesets.photos(p)[0]).convert("RGB").resize((200, 200)) for p in people]
     while len(tiles) < 30:
         tiles.append(tiles[len(tiles) - len(people)].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     mosaic = Image.new("RGB", (1200, 1000))
@@ -90,7 +84,7 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
 
 def test_detect_writes_json_and_an_annotated_png(capsys, tmp_path):
     out = tmp_path / "annotated.png"
-    code, lines = _run(capsys, "detect", str(_photos("Barack_Obama")[0]), "--out", str(out))
+    code, lines = _run(capsys, "detect", str(facesets.photos("Barack_Obama")[0]), "--out", str(out))
     assert code == EXIT_OK and len(lines) == 1
     (face,) = lines[0]["faces"]
     assert face["score"] > 0.9 and len(face["landmarks"]) == 5
@@ -99,13 +93,13 @@ def test_detect_writes_json_and_an_annotated_png(capsys, tmp_path):
     assert Image.open(out).size == (lines[0]["width"], lines[0]["height"])
 
 
-def test_embed_folder_and_list_every_face(capsys, tmp_path):
-    folder = FACES / "Jeff_Bezos"
+def test_embed_folder_and_list_every_face(capsys, tmp_path, test_faces):
+    folder = test_faces / "Jeff_Bezos"
     listing = tmp_path / "list.txt"
-    listing.write_text("# one path per line\n" + "\n".join(str(p) for p in _photos("Joe_Biden")) + "\n")
+    listing.write_text("# one path per line\n" + "\n".join(str(p) for p in facesets.photos("Joe_Biden")) + "\n")
     code, lines = _run(capsys, "embed", str(folder), "--list", str(listing), "--quiet")
     assert code == EXIT_OK
-    assert len(lines) == len(_photos("Jeff_Bezos")) + len(_photos("Joe_Biden"))
+    assert len(lines) == len(facesets.photos("Jeff_Bezos")) + len(facesets.photos("Joe_Biden"))
     for line in lines:
         assert line["faces"], line["path"]
         emb = np.array(line["faces"][0]["embedding"])
@@ -113,10 +107,10 @@ def test_embed_folder_and_list_every_face(capsys, tmp_path):
 
 
 def test_verify_same_and_different(capsys):
-    a, b = _photos("Barack_Obama")[:2]
+    a, b = facesets.photos("Barack_Obama")[:2]
     code, (same,) = _run(capsys, "verify", str(a), str(b))
     assert code == EXIT_OK and same["same_person"] and same["threshold"] == 0.6
-    code, (diff,) = _run(capsys, "verify", str(a), str(_photos("Angelina_Jolie")[0]))
+    code, (diff,) = _run(capsys, "verify", str(a), str(facesets.photos("Angelina_Jolie")[0]))
     assert code == EXIT_OK and not diff["same_person"] and diff["distance"] > same["distance"]
 
 
@@ -130,9 +124,13 @@ def test_identify_enrolled_and_stranger(capsys, tmp_path):
     gallery = tmp_path / "gallery"
     for person in ("Barack_Obama", "Angelina_Jolie", "Jennifer_Aniston", "Katy_Perry"):
         (gallery / person).mkdir(parents=True)
-        (gallery / person / "a.jpg").write_bytes(_photos(person)[0].read_bytes())
+        (gallery / person / "a.jpg").write_bytes(facesets.photos(person)[0].read_bytes())
     (gallery / "Katy_Perry" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    probes = [_photos("Barack_Obama")[1], _photos("Jennifer_Aniston")[2], _photos("Paul_Rudd")[0]]
+    probes = [
+        facesets.photos("Barack_Obama")[1],
+        facesets.photos("Jennifer_Aniston")[2],
+        facesets.photos("Paul_Rudd")[0],
+    ]
     code, lines = _run(capsys, "identify", "--gallery", str(gallery), *map(str, probes), "--rule", "distance")
     assert code == EXIT_PARTIAL  # the broken gallery photo is reported, the rest proceeds
     assert any("broken.jpg" in line.get("gallery_photo", "") for line in lines)
@@ -154,7 +152,7 @@ def test_identify_enrolled_and_stranger(capsys, tmp_path):
     ],
 )
 def test_bad_files_get_a_clear_error_line_and_the_rest_still_runs(capsys, bad_inputs, kind, message):
-    good = _photos("Barack_Obama")[0]
+    good = facesets.photos("Barack_Obama")[0]
     code, lines = _run(capsys, "embed", str(bad_inputs[kind]), str(good), "--quiet")
     assert code == EXIT_PARTIAL
     bad, ok = lines
@@ -212,7 +210,7 @@ def test_eval_on_a_small_dataset_writes_json_and_png(capsys, tmp_path):
     data = tmp_path / "faces"
     for person in ("Barack_Obama", "Jack_Dorsey", "Jennifer_Aniston", "Elon_Musk", "Bradley_Cooper", "Paul_Rudd"):
         (data / person).mkdir(parents=True)
-        for p in _photos(person)[:3]:
+        for p in facesets.photos(person)[:3]:
             (data / person / p.name).write_bytes(p.read_bytes())
     summary, roc = tmp_path / "eval.json", tmp_path / "roc.png"
     code = main(["eval", str(data), "--pairs", "10", "--json", str(summary), "--roc", str(roc), "--peer", "off"])
@@ -227,8 +225,8 @@ def test_eval_on_a_small_dataset_writes_json_and_png(capsys, tmp_path):
     # identify takes its threshold from that calibration, and refuses one made under another fingerprint
     gallery = tmp_path / "gallery" / "Barack_Obama"
     gallery.mkdir(parents=True)
-    (gallery / "a.jpg").write_bytes(_photos("Barack_Obama")[0].read_bytes())
-    probe = str(_photos("Barack_Obama")[1])
+    (gallery / "a.jpg").write_bytes(facesets.photos("Barack_Obama")[0].read_bytes())
+    probe = str(facesets.photos("Barack_Obama")[1])
     argv = ["identify", "--gallery", str(gallery.parent), probe, "--rule", "distance", "--calibration", str(summary)]
     code, (line,) = _run(capsys, *argv)
     calibrated = next(

@@ -7,13 +7,13 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import facesets
 import pytest
 from conftest import MosquittoBroker, free_port
 
 from enrollment_server import store as st
 from enrollment_server.cli import EXIT_BROKER, EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 SITE = "hq"
 
 
@@ -56,7 +56,7 @@ def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], mosquitto: Mosquitto
 
 
 def photos(person: str) -> list[str]:
-    return [str(p) for p in sorted((FACES / person).glob("*.jpg"))]
+    return [str(p) for p in facesets.photos(person)]
 
 
 def test_enroll_list_rename_publish_remove(cli: Cli, mosquitto: MosquittoBroker):

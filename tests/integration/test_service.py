@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import facesets
 import httpx
 import pytest
 from conftest import MosquittoBroker, free_port
@@ -28,7 +29,6 @@ from models.contract.timestamps import utc_now
 from models.errors import ContractError
 from models.face.fingerprint import encoder_fingerprint
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 SITE = "hq"
 TOKEN = "service-test-token-0123456789"
 
@@ -121,7 +121,7 @@ def server(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Server]:
 
 
 def photo(person: str, i: int = 0) -> Path:
-    return sorted((FACES / person).glob("*.jpg"))[i]
+    return facesets.photos(person)[i]
 
 
 def test_serve_enrolls_publishes_ingests_and_stops_cleanly(server: Server, mosquitto: MosquittoBroker, mqtt_links):

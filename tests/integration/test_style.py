@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import data as skimage_data
 
 from models import registry
 from models.cli.model_tool import EXIT_FATAL, EXIT_OK, main
@@ -21,10 +22,6 @@ from models.style.optimize import OptimizeConfig, stylize_optimize, to_tensor
 from models.style.runtime import Stylizer
 from models.style.train import TrainConfig, heldout_report, load_checkpoint, split_holdout, train_style
 from models.style.transformer import TransformerConfig
-
-skimage_data = pytest.importorskip("skimage.data")
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-FACES, STYLES = SHARED / "faces", SHARED / "styles"
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +76,7 @@ def test_taps_are_post_relu6_expansion_activations(lossnet):
 @pytest.mark.parametrize("method", ["lbfgs", "adam"])
 def test_optimiser_lowers_the_cost(lossnet, method: str):
     content = skimage_data.chelsea()
-    style, _ = load_style(str(STYLES / "starry_night.jpg")) if STYLES.is_dir() else load_style("procedural:swirl")
+    style, _ = load_style("procedural:swirl")
     config = OptimizeConfig(size=64, iterations=30, method=method, adam_lr=0.05)
     result = stylize_optimize(content, style, config, lossnet=lossnet)
     assert result.start["style"] == pytest.approx(1.0, rel=1e-4) and result.start["content"] == 0  # G starts at C
@@ -212,9 +209,8 @@ def test_cli_stylize_optimiser_mode(capsys, tmp_path: Path):
     assert load_image(out).shape == (43, 64, 3) and load_image(grid).shape[1] > 150
 
 
-@pytest.mark.skipif(not FACES.is_dir(), reason="the development face set is absent")
 @pytest.mark.parametrize(("model", "layer", "field"), [("style", "features.0", 3), ("face", "l2_relu", 7)])
-def test_cli_visualize_units_on_faces(capsys, tmp_path: Path, model: str, layer: str, field: int):
+def test_cli_visualize_units_on_faces(capsys, tmp_path: Path, test_faces: Path, model: str, layer: str, field: int):
     out = tmp_path / "units.png"
     code = main(
         [
@@ -224,7 +220,7 @@ def test_cli_visualize_units_on_faces(capsys, tmp_path: Path, model: str, layer:
             "--layer",
             layer,
             "--images",
-            str(FACES / "Barack_Obama"),
+            str(test_faces / "Barack_Obama"),
             "--out",
             str(out),
             "--units",
@@ -236,10 +232,20 @@ def test_cli_visualize_units_on_faces(capsys, tmp_path: Path, model: str, layer:
     )
     record = json.loads(capsys.readouterr().out)
     assert code == EXIT_OK and record["receptive_field_px"] == field and len(record["units"]) == 4
-    assert all(u["top_image"].startswith(str(FACES)) for u in record["units"])
+    assert all(u["top_image"].startswith(str(test_faces)) for u in record["units"])
     assert load_image(out).shape[0] > 100
     code = main(
-        ["visualize-units", "--model", model, "--layer", "no_such_layer", "--images", str(FACES), "--out", str(out)]
+        [
+            "visualize-units",
+            "--model",
+            model,
+            "--layer",
+            "no_such_layer",
+            "--images",
+            str(test_faces),
+            "--out",
+            str(out),
+        ]
     )
     assert code == EXIT_FATAL and "unknown" in capsys.readouterr().err
 

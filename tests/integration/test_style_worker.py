@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
+import facesets
 import numpy as np
 import pytest
 from waiting import wait_until
@@ -40,7 +41,6 @@ from models.imageio import load_image
 from models.registry import sha256_bytes
 
 REPO = Path(__file__).resolve().parents[2]
-FACES = REPO.parent / "shared" / "data" / "faces"
 DEVICE, SITE = "door-3", "hq"
 PROBE_DEVICE = "probe"
 DAY = datetime(2026, 1, 2, 8, 30, tzinfo=timezone.utc)
@@ -54,8 +54,9 @@ def style_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real feed-forward style network for the procedural mosaic, trained for a few steps on the CPU and
     exported to ONNX by the project's tools (as tests/integration/test_style.py does); its metadata says it was
     never checked on held-out images."""
-    torch = pytest.importorskip("torch")
-    skimage_data = pytest.importorskip("skimage.data")
+    import torch
+    from skimage import data as skimage_data
+
     from models.style.export import export_checkpoint
     from models.style.images import load_style
     from models.style.train import TrainConfig, train_style
@@ -83,11 +84,9 @@ def style_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def face_photo() -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A real face photo (RGB) and its face box from the project's detector."""
-    if not FACES.is_dir():
-        pytest.skip("the development face set is absent")
     from models.face.detector import RetinaFaceDetector
 
-    photo = sorted((FACES / "Barack_Obama").glob("*.jpg"))[0]
+    photo = facesets.photos("Barack_Obama")[0]
     image = load_image(photo)
     detector = RetinaFaceDetector.create()
     try:

@@ -1,6 +1,6 @@
-"""model-tool calibrate / train-adapter / train-verifier on the real development faces, and their bad inputs.
+"""model-tool calibrate / train-adapter / train-verifier on the test face set, and their bad inputs.
 
-The dev set is embedded once (then served from the embedding cache); every command runs through main().
+The set is embedded once (then served from the embedding cache); every command runs through main().
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import facesets
 import numpy as np
 import pytest
 import yaml
@@ -21,22 +22,23 @@ from models.face.fingerprint import encoder_fingerprint
 from models.training.adapter import ADAPTER_ONNX, EmbeddingAdapter, adapter_fingerprint
 from models.training.verifier import SiameseVerifier
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
 
-
-def test_calibrate_writes_a_fragment_the_decision_loader_reads(capsys, tmp_path) -> None:
+def test_calibrate_writes_a_fragment_the_decision_loader_reads(capsys, tmp_path, test_faces) -> None:
     out, summary, plot = tmp_path / "decision.yaml", tmp_path / "cal.json", tmp_path / "cal.png"
-    argv = ["calibrate", str(FACES), "--far", "1e-2", "--out", str(out), "--json", str(summary), "--plot", str(plot)]
+    argv = ["calibrate", str(test_faces), "--far", "1e-2", "--out", str(out)]
+    argv += ["--json", str(summary), "--plot", str(plot)]
     assert main([*argv, "--bootstrap", "200", "--quiet"]) == EXIT_OK
     printed = capsys.readouterr().out
     assert printed == out.read_text()
     rule = DecisionRule.from_dict(yaml.safe_load(printed)["decision"])
     data = json.loads(summary.read_text())
     assert data["fingerprint"] == encoder_fingerprint().value and data["fingerprint"] in printed
-    assert data["images"] == 170 and data["identities"] == 27
+    sizes = [len(facesets.photos(person)) for person in facesets.people()]
+    assert data["images"] == sum(sizes) and data["identities"] == len(sizes)
     distance = data["calibrations"][0]
-    assert distance["basis"] == "pairs" and distance["n_strangers"] == 170 * 169 // 2 - distance["n_mates"]
+    pairs = sum(sizes) * (sum(sizes) - 1) // 2
+    assert distance["n_mates"] == sum(n * (n - 1) // 2 for n in sizes)  # every pair of one person's photos
+    assert distance["basis"] == "pairs" and distance["n_strangers"] == pairs - distance["n_mates"]
     assert rule.rule == "distance" and rule.threshold == distance["threshold"]
     assert distance["fpir"] <= 1e-2 and distance["resolvable"]
     iv = distance["threshold_interval"]
@@ -47,15 +49,15 @@ def test_calibrate_writes_a_fragment_the_decision_loader_reads(capsys, tmp_path)
 
 
 @pytest.mark.parametrize("far", ["0", "1.5", "-1e-3", "nan"])
-def test_calibrate_refuses_a_bad_rate(capsys, far: str) -> None:
-    assert main(["calibrate", str(FACES), f"--far={far}", "--quiet"]) == EXIT_FATAL
+def test_calibrate_refuses_a_bad_rate(capsys, test_faces, far: str) -> None:
+    assert main(["calibrate", str(test_faces), f"--far={far}", "--quiet"]) == EXIT_FATAL
     assert "--far must be a rate in (0, 1)" in capsys.readouterr().err
 
 
 def _copy(people: dict[str, int], dest: Path) -> Path:
     for person, n in people.items():
         (dest / person).mkdir(parents=True)
-        for p in sorted((FACES / person).iterdir())[:n]:
+        for p in facesets.photos(person)[:n]:
             (dest / person / p.name).write_bytes(p.read_bytes())
     return dest
 
@@ -77,7 +79,7 @@ def test_calibrate_bad_datasets_get_a_clear_message(capsys, tmp_path, setup: str
         _copy({"Barack_Obama": 3}, root)
     elif setup == "corrupt":
         _copy({"Barack_Obama": 2, "Joe_Biden": 2}, root)
-        (root / "Joe_Biden" / "broken.jpg").write_bytes(sorted((FACES / "Joe_Biden").iterdir())[0].read_bytes()[:500])
+        (root / "Joe_Biden" / "broken.jpg").write_bytes(facesets.photos("Joe_Biden")[0].read_bytes()[:500])
     code = main(["calibrate", str(root), "--far", "1e-2", "--quiet", "--no-cache", "--out", str(tmp_path / "d.yaml")])
     assert code == EXIT_FATAL
     err = capsys.readouterr().err
@@ -85,9 +87,9 @@ def test_calibrate_bad_datasets_get_a_clear_message(capsys, tmp_path, setup: str
     assert not (tmp_path / "d.yaml").exists()
 
 
-def test_train_adapter_ships_only_what_helps_held_out_people(capsys, tmp_path) -> None:
+def test_train_adapter_ships_only_what_helps_held_out_people(capsys, tmp_path, test_faces) -> None:
     out = tmp_path / "adapter"
-    code = main(["train-adapter", str(FACES), "--out", str(out), "--quiet"])
+    code = main(["train-adapter", str(test_faces), "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     verdict = report["verdict"]
@@ -116,9 +118,9 @@ def test_train_adapter_ships_only_what_helps_held_out_people(capsys, tmp_path) -
     assert ("SHIP" if verdict["ship"] else "REFUSE") in captured.out
 
 
-def test_train_verifier_compares_with_the_distance_threshold(capsys, tmp_path) -> None:
+def test_train_verifier_compares_with_the_distance_threshold(capsys, tmp_path, test_faces) -> None:
     out = tmp_path / "verifier"
-    assert main(["train-verifier", str(FACES), "--out", str(out), "--quiet", "--far", "1e-2"]) == EXIT_OK
+    assert main(["train-verifier", str(test_faces), "--out", str(out), "--quiet", "--far", "1e-2"]) == EXIT_OK
     printed = capsys.readouterr().out
     assert "distance threshold" in printed and "siamese verifier (chi2)" in printed
     report = json.loads((out / "report.json").read_text())

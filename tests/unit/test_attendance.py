@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
+import facesets
 import numpy as np
 import pytest
 
@@ -17,7 +18,6 @@ from edge_agent.recognition.recognizer import DecisionReason, RecognitionConfig,
 from models.config import load_dataclass
 from models.errors import ConfigError
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
 WALL = datetime(2025, 1, 6, 8, 30, tzinfo=timezone.utc)
 FRAME = np.zeros((4, 4, 3), np.uint8)
 
@@ -141,7 +141,6 @@ def test_config_loads_strictly() -> None:
         load_dataclass(AttendanceConfig, {"window": 600}, "attendance")
 
 
-@pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
 def test_real_embeddings_two_tracks_of_one_person_make_one_event() -> None:
     """A person's track is decided from real photo embeddings, the person leaves and comes back (a second track a
     minute later): two decisions for the same person, one event; a stranger's track is refused."""
@@ -160,17 +159,17 @@ def test_real_embeddings_two_tracks_of_one_person_make_one_event() -> None:
             chip = pipe.aligner.align(rgb, [face])
             return pipe.encoder.encode(chip)[0], face, chip[0]
 
-        ann = sorted((FACES / "Angelina_Jolie").iterdir())
-        ben = sorted((FACES / "Ben_Affleck").iterdir())
+        ann = facesets.photos("Angelina_Jolie")
+        matt = facesets.photos("Matt_Damon")
         gallery = Gallery(
             "hq",
             1,
             pipe.fingerprint,
             "euclidean",
             "float32",
-            np.stack([embed(ann[0])[0], embed(ben[0])[0]]),
+            np.stack([embed(ann[0])[0], embed(matt[0])[0]]),
             np.array([0, 1], dtype=np.int32),
-            (GalleryPerson("ann", "Angelina Jolie"), GalleryPerson("ben", "Ben Affleck")),
+            (GalleryPerson("ann", "Angelina Jolie"), GalleryPerson("matt", "Matt Damon")),
         )
         index = GalleryIndex.build(gallery)
         recognizer = Recognizer("front", RecognitionConfig(min_samples=2, max_encodes=2), fingerprint=pipe.fingerprint)
@@ -179,7 +178,7 @@ def test_real_embeddings_two_tracks_of_one_person_make_one_event() -> None:
         box = Detection(
             (100.0, 100.0, 200.0, 200.0), 0.99, ((130, 140), (170, 140), (150, 160), (135, 180), (165, 180))
         )
-        for start, photos in ((0.0, ann[1:3]), (60.0, ann[3:5]), (120.0, [FACES / "Paul_Rudd" / "1.jpg"] * 2)):
+        for start, photos in ((0.0, ann[1:3]), (60.0, ann[3:5]), (120.0, facesets.photos("Paul_Rudd")[:1] * 2)):
             ts = start
             tracker.update([box], ts)  # the visit's track: tentative, then one real photo per frame
             for path in photos:

@@ -179,8 +179,10 @@ def test_realtime_file_is_paced_at_its_fps(tmp_path: Path) -> None:
         indices = drain(camera)
         elapsed = time.monotonic() - started
         assert indices[-1] == 15
-        assert 0.4 < elapsed < 2.0  # 16 frames at 30 fps: 0.5 s, not as fast as decoding
-        assert camera.stats().fps == pytest.approx(30, rel=0.3)
+        # 16 frames at 30 fps take 0.5 s: never faster than the file's own rate (decoding alone is ~10x faster);
+        # a loaded machine may deliver them slower, which is not what this checks
+        assert elapsed > 0.4
+        assert camera.stats().fps < 30 * 1.3
     finally:
         camera.stop()
 

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edge_agent import agent
+from edge_agent import config as edge_config
 from enrollment_server.config import config_from_dict
 from enrollment_server.provisioning import (
     SERVER_RULES,
@@ -227,7 +229,6 @@ def server_cfg(tmp_path: Path):
 
 
 def test_the_edge_config_loads_with_the_edge_agents_loader(tmp_path, server_cfg):
-    edge_config = pytest.importorskip("edge_agent.config")
     ca = self_signed_ca(tmp_path / "ca.crt")
     result = provision_device(
         server_cfg,
@@ -245,7 +246,6 @@ def test_the_edge_config_loads_with_the_edge_agents_loader(tmp_path, server_cfg)
     assert result.bundle == tmp_path / "out" / "door-7"
     assert "scp -r /srv/site/provisioned/door-7 " in result.instructions  # the host's view of the folder
     cfg = edge_config.load_config(result.bundle / "edge.yaml")
-    agent = pytest.importorskip("edge_agent.agent")
     assert agent.check_files(cfg).key_id == result.key_id  # the files exist, parse, and the key is the server's
     mqtt = agent.mqtt_config(cfg)
     assert (mqtt.username, mqtt.client_id, mqtt.tls, mqtt.port) == ("door-7", "door-7", True, 8883)

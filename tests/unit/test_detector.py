@@ -6,12 +6,11 @@ resolution with BGR mean (104, 117, 127) and reports integer x, y, width, height
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import cv2
+import facesets
 import numpy as np
 import pytest
+import retinaface
 from skimage import data as skdata
 
 from models.errors import ConfigError, ImageError
@@ -26,27 +25,32 @@ from models.face.detector import (
 from models.imageio import load_image
 from models.registry import DETECTOR
 
-retinaface = pytest.importorskip("retinaface")
-
-REPO = Path(__file__).resolve().parents[2]
 PACKAGE_MEAN = (104.0, 117.0, 127.0)
 FULL_RES = 10**6  # a max_side no image reaches: run at native resolution, like the package
 
 
-def _faces_dir() -> Path | None:
-    for c in (os.environ.get("FACEATTEND_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if c and (Path(c) / "data" / "faces").is_dir():
-            return Path(c) / "data" / "faces"
-    return None
-
-
-FACES = _faces_dir()
-needs_faces = pytest.mark.skipif(FACES is None, reason="shared/data/faces not found")
-
-
 def _photo(name: str) -> np.ndarray:
-    assert FACES is not None
-    return load_image(FACES / name)
+    """A photo of the test face set by "Person/file"."""
+    person, file = name.split("/")
+    (path,) = [p for p in facesets.photos(person) if p.name == file]
+    return load_image(path)
+
+
+def _upscaled(name: str, long_side: int) -> np.ndarray:
+    """A test photo enlarged to `long_side` pixels (the set's photos are at most 480 px; a camera's are not)."""
+    image = _photo(name)
+    s = long_side / max(image.shape[:2])
+    return cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
+
+
+def _face_crop(name: str) -> np.ndarray:
+    """A square crop 1.3 times the face the reference package finds, as in a face-crop data set."""
+    image = _photo(name)
+    r = max(retinaface.detect_faces(image, score_threshold=0.5), key=lambda r: r.width * r.height)
+    side = round(1.3 * max(r.width, r.height))
+    x, y = r.x + r.width // 2 - side // 2 + side, r.y + r.height // 2 - side // 2 + side
+    padded = cv2.copyMakeBorder(image, side, side, side, side, cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(padded[y : y + side, x : x + side])
 
 
 def _iou(a: tuple[float, ...] | np.ndarray, b: tuple[float, ...] | np.ndarray) -> float:
@@ -132,22 +136,27 @@ def test_nms_ties_and_degenerate_boxes():
 
 REFERENCE_IMAGES = [
     "Jack_Dorsey/5.jpg",  # 3 faces: two cut by the frame's bottom edge
-    "Matt_Damon/4.jpg",  # 4 faces, three small and blurred in the background
-    "Angelina_Jolie/9.jpg",  # 7 faces in a crowd
+    "Jennifer_Aniston/4.jpg",  # 4 faces, three small in the background
+    "George_Clooney/3.jpg",  # 3 faces of three sizes
     "Barack_Obama/1.jpg",
     "Jeff_Bezos/1.jpg",
-    "Ben_Affleck/5.jpg",  # 150 x 150 tight crop: the box leaves the frame
-    "Bradley_Cooper/1.png",  # 160 x 160 MTCNN-aligned crop
-    "Alex_Lacamoire/3.png",  # RGBA PNG
+    "Bradley_Cooper/1.png",  # 160 x 160 MTCNN-aligned crop: the box leaves the frame
+    "Lin_Manuel_Miranda/1.png",  # RGBA PNG
 ]
 
 
 def _group_photo() -> np.ndarray:
-    """Six people side by side on a grey wall: 150 x 150 crops at 120 px, spaced apart."""
-    people = ["Ben_Affleck/1.jpg", "Elton_John/1.jpg", "Madonna/1.jpg", "Mindy_Kaling/1.jpg", "Jerry_Seinfeld/1.jpg"]
+    """Six people side by side on a grey wall: tight face crops at 120 px, spaced apart."""
+    people = [
+        "Matt_Damon/4.jpg",
+        "Elon_Musk/2.jpg",
+        "Scarlett_Johansson/6.jpg",
+        "Kate_Siegel/1.jpg",
+        "Sundar_Pichai/2.jpg",
+    ]
     canvas = np.full((340, 780, 3), 128, np.uint8)
-    for i, name in enumerate([*people, "Bradley_Cooper/1.png"]):
-        tile = cv2.resize(_photo(name), (120, 120), interpolation=cv2.INTER_AREA)
+    for i, face in enumerate([*map(_face_crop, people), _photo("Bradley_Cooper/1.png")]):
+        tile = cv2.resize(face, (120, 120), interpolation=cv2.INTER_AREA)
         y, x = 30 + (i // 3) * 160, 40 + (i % 3) * 250
         canvas[y : y + 120, x : x + 120] = tile
     return canvas
@@ -155,9 +164,7 @@ def _group_photo() -> np.ndarray:
 
 def _reference_images() -> list[tuple[str, np.ndarray]]:
     images = [("astronaut", skdata.astronaut()), ("camera", np.dstack([skdata.camera()] * 3))]
-    if FACES is not None:
-        images += [(name, _photo(name)) for name in REFERENCE_IMAGES] + [("group", _group_photo())]
-    return images
+    return images + [(name, _photo(name)) for name in REFERENCE_IMAGES] + [("group", _group_photo())]
 
 
 @pytest.mark.parametrize(("name", "image"), _reference_images(), ids=lambda v: v if isinstance(v, str) else "")
@@ -183,7 +190,6 @@ def test_same_faces_as_the_package_at_its_resolution_and_mean(detector, name, im
         assert np.abs(match.landmarks_array() - ref_lm).max() <= 2.0
 
 
-@needs_faces
 def test_group_photo_finds_everyone_once(detector):
     group = _group_photo()
     faces = detector.detect(group)
@@ -228,11 +234,10 @@ def test_large_close_face(detector, frame):
     _sensible_landmarks(d)
 
 
-@needs_faces
 def test_close_up_larger_than_max_side_is_found_thanks_to_downscaling(detector):
-    """A 2048 px portrait whose face (~1400 px) is beyond the largest anchor (512): at full resolution the
+    """A 2048 px portrait whose face (~1000 px) is beyond the largest anchor (512): at full resolution the
     network only finds face parts; at max_side 640 it finds the one face."""
-    image = _photo("Paul_Rudd/1.jpg")
+    image = _upscaled("Paul_Rudd/1.jpg", 2048)
     faces = detector.detect(image)
     assert len(faces) == 1
     assert faces[0].width > 0.5 * image.shape[1]
@@ -244,7 +249,6 @@ def test_close_up_larger_than_max_side_is_found_thanks_to_downscaling(detector):
 SMALL_FACE_IMAGES = ["Barack_Obama/1.jpg", "Elon_Musk/1.jpg", "Katy_Perry/8.jpg", "Angelina_Jolie/4.jpg"]
 
 
-@needs_faces
 @pytest.mark.parametrize("face_px", [24, 30])
 def test_small_faces_at_a_distance(detector, face_px):
     """Four people far from the camera (faces ~face_px wide) in one 640 x 480 frame are all found."""
@@ -281,10 +285,9 @@ def test_blank_and_noise_and_non_face_photos_give_nothing(detector):
     assert detector.detect_batch(images) == [[] for _ in images]
 
 
-@needs_faces
-@pytest.mark.parametrize("name", ["Barack_Obama/3.jpg", "Joe_Biden/1.jpg", "Kit_Harington/1.jpg"])
+@pytest.mark.parametrize("name", ["Barack_Obama/3.jpg", "Mark_Zuckerberg/4.jpg", "Kit_Harington/1.jpg"])
 def test_resize_policy_reports_original_pixels(detector, name):
-    image = _photo(name)
+    image = _upscaled(name, 1200)  # a portrait and two landscapes larger than max_side
     h, w = image.shape[:2]
     assert max(h, w) > detector.config.max_side
     ih, iw = detector.input_size(h, w)
@@ -316,16 +319,15 @@ def test_face_cut_by_the_frame_edge_has_a_clipped_box(detector):
 # ---- batching
 
 
-@needs_faces
 def test_batch_of_mixed_sizes_matches_one_by_one(detector):
     """Padding to a common canvas changes nothing away from the padded edges. A face cut by the bottom/right edge
     may score differently: past the edge the network now sees mean-grey pixels instead of its own zero padding
-    (on the dev set 1 face of ~185, a half face at 0.74, drops out)."""
+    (on the development set 1 face of ~185, a half face at 0.74, drops out)."""
     images = [
         skdata.astronaut(),  # 512 x 512
-        _photo("Jack_Dorsey/5.jpg"),  # 660 x 440: resized to 640 x 427; two faces cut by the bottom edge
-        _photo("Ben_Affleck/5.jpg"),  # 150 x 150
-        _photo("Barack_Obama/3.jpg"),  # portrait, resized to 393 x 640
+        _photo("Jack_Dorsey/5.jpg"),  # 480 x 320; two faces cut by the bottom edge
+        _photo("Bradley_Cooper/1.png"),  # 160 x 160
+        _photo("Barack_Obama/3.jpg"),  # 590 x 960 portrait, resized to 393 x 640
         np.zeros((20, 12, 3), np.uint8),  # smaller than the minimum canvas
     ]
     batched = detector.detect_batch(images)
@@ -402,9 +404,8 @@ def test_unknown_backend_raises_config_error():
         RetinaFaceDetector.create(backend="nonsense")
 
 
-@needs_faces
 def test_max_faces_keeps_the_best(detector):
-    image = _photo("Angelina_Jolie/9.jpg")  # a crowd, found at full resolution
+    image = _photo("Jennifer_Aniston/4.jpg")  # a crowd, found at full resolution
     faces = _variant(detector, max_side=FULL_RES, score_threshold=0.5).detect(image)
     top = _variant(detector, max_side=FULL_RES, score_threshold=0.5, max_faces=2).detect(image)
     assert len(faces) > 2 and top == faces[:2]

@@ -300,7 +300,8 @@ def test_conversion_is_deterministic(source: bytes) -> None:
 
 
 def test_converted_graph_interface(source: bytes) -> None:
-    onnx = pytest.importorskip("onnx")
+    import onnx
+
     model = onnx.load_from_string(convert_dlib_bytes(source))
     assert model.ir_version == 8
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 13)]

