@@ -17,7 +17,8 @@ import pytest
 from models.backends import create_backend
 from models.backends.base import InferenceBackend, ShapeProfile
 from models.backends.tensorrt_backend import TensorRTBackend
-from models.registry import detector_onnx_bytes, encoder_onnx_bytes
+from models.face.encoders import encoder_onnx_path
+from models.registry import detector_onnx_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +40,7 @@ def detector_trt(engine_cache: Path) -> Iterator[TensorRTBackend]:
 
 @pytest.fixture(scope="module")
 def encoder_onnx() -> bytes:
-    return encoder_onnx_bytes()
+    return encoder_onnx_path().read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from edge_agent.systemd_notify import notify
 from models.contract.signing import Signer
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError, ContractError
+from models.face.encoders import MOBILEFACENET_192
 from models.training.calibration import parse_decision_fragment
 
 
@@ -27,6 +28,9 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "broker.password").write_text("s3cret\n")
     (tmp_path / "door.avi").write_bytes(b"")
     return tmp_path
+
+
+NC = MOBILEFACENET_192.licence_acknowledgement
 
 
 def minimal() -> dict:
@@ -53,7 +57,8 @@ def test_minimal_config_takes_the_defaults_and_resolves_paths_beside_the_file(si
     assert cfg.gallery_dir == site / "state" / "gallery"
     assert cfg.snapshots.dir == site / "state" / "snapshots"
     assert cfg.client_id == "door-1"
-    assert cfg.decision == DEFAULT_RULE
+    assert cfg.decision is None and cfg.rule == DEFAULT_RULE  # no decision section: the encoder's default
+    assert (cfg.models.encoder, cfg.models.alignment, cfg.models.accept_licence) == ("dlib-resnet-v1", "dlib5", "")
     assert cfg.models.backend == "onnxruntime" and not cfg.metrics.enabled and not cfg.style.enabled
     check_files(cfg)
 
@@ -97,11 +102,41 @@ def test_absolute_paths_and_network_sources_are_kept(site: Path, tmp_path: Path)
         ({"snapshots": {"mode": "video"}}, r"snapshots\.mode: expected one of"),
         ({"log_level": "CHATTY"}, r"log_level: expected one of"),
         ({"recognition": {"decision": {"rule": "distance", "threshold": 0.5}}}, r"recognition\.decision: unknown"),
+        ({"models": {"encoder": "arcface-r100"}}, r"models\.encoder: unknown encoder 'arcface-r100'; known encoders: "),
+        ({"models": {"encoder": "mobilefacenet-192"}}, r"models\.encoder: mobilefacenet-192's weights may not be used"),
+        (
+            {"models": {"encoder": "mobilefacenet-192", "accept_licence": "commercial"}},
+            r"set models\.accept_licence to non-commercial-research",
+        ),
+        (
+            {"models": {"encoder": "mobilefacenet-192", "accept_licence": NC, "alignment": "dlib5"}},
+            r"models\.alignment: encoder mobilefacenet-192 takes alignment arcface112, not 'dlib5'",
+        ),
+        ({"models": {"alignment": "arcface112"}}, r"models\.alignment: encoder dlib-resnet-v1 takes alignment dlib5"),
+        ({"models": {"accept_licence": NC}}, r"models\.accept_licence: encoder dlib-resnet-v1 needs no licence"),
+        (
+            {
+                "models": {"encoder": "mobilefacenet-192", "accept_licence": NC},
+                "decision": {"rule": "ratio", "threshold": 0.8},
+            },
+            r"decision\.max_distance: 0\.6 is dlib's cap; .*mobilefacenet-192.*same-person distance is 1\.12",
+        ),
     ],
 )
 def test_bad_values_name_the_key(site: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(minimal() | change, site)
+
+
+def test_the_non_commercial_encoder_is_chosen_with_its_licence_acknowledged(site: Path) -> None:
+    cfg = config_from_dict(minimal() | {"models": {"encoder": "mobilefacenet-192", "accept_licence": NC}}, site)
+    assert (cfg.models.encoder, cfg.models.alignment) == ("mobilefacenet-192", "arcface112")
+    assert cfg.decision is None and cfg.rule == MOBILEFACENET_192.default_decision  # its own calibrated default
+    explicit = {"rule": "margin", "threshold": 0.15, "max_distance": 1.1}
+    cfg = config_from_dict(
+        minimal() | {"models": {"encoder": "mobilefacenet-192", "accept_licence": NC}, "decision": explicit}, site
+    )
+    assert cfg.rule == DecisionRule.margin(0.15, 1.1)
 
 
 def test_the_calibrate_fragment_appended_to_a_config_is_its_decision(site: Path) -> None:
@@ -111,7 +146,7 @@ def test_the_calibrate_fragment_appended_to_a_config_is_its_decision(site: Path)
     path = site / "edge.yaml"
     path.write_text(yaml.safe_dump(minimal()) + fragment)
     cfg = load_config(path)
-    assert cfg.decision == DecisionRule.ratio(0.71, 0.6) == parse_decision_fragment(fragment)
+    assert cfg.rule == cfg.decision == DecisionRule.ratio(0.71, 0.6) == parse_decision_fragment(fragment)
 
 
 def test_unreadable_or_bad_files_are_named(site: Path) -> None:
