@@ -31,9 +31,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.agent import check_files
     from edge_agent.capture import redact_source
     from edge_agent.config import load_config
+    from models.face.encoders import encoder_spec, require_fetched
 
     cfg = load_config(args.config)
     check_files(cfg)
+    require_fetched(encoder_spec(cfg.models.encoder))
     print(
         json.dumps(
             {

@@ -249,6 +249,13 @@ def encoder_onnx_path(spec: EncoderSpec = DLIB_RESNET) -> Path:
     return path
 
 
+def require_fetched(spec: EncoderSpec) -> None:
+    """EncoderNotFetchedError, naming the command, when an encoder fetched on request is not in the cache here (an
+    encoder of an installed package converts on first use instead)."""
+    if isinstance(spec.manifest.source, NpmFile):
+        encoder_onnx_path(spec)
+
+
 @dataclass(frozen=True)
 class FetchReport:
     encoder: str
