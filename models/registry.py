@@ -12,14 +12,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from models.errors import ModelError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
