@@ -146,13 +146,17 @@ class EdgeAgent:
         self._started = True
         cfg = self.cfg
         log.info(
-            "edge agent %s: device %s, site %s, %d camera(s), backend %s, broker %s",
+            "edge agent %s: device %s, site %s, %d camera(s), encoder %s (%s alignment), backend %s, broker %s, "
+            "decision %s",
             self._version,
             cfg.device_id,
             cfg.site,
             len(cfg.cameras),
+            cfg.models.encoder,
+            cfg.models.alignment,
             cfg.models.backend,
             cfg.mqtt.url,
+            cfg.rule.to_dict(),
         )
         try:
             self._start_parts()
@@ -205,7 +209,7 @@ class EdgeAgent:
             self._on_decision,
             tracker=cfg.tracker,
             recognition=cfg.recognition,
-            rule=cfg.decision,
+            rule=cfg.rule,
         )
         self.metrics = MetricsServer(
             cfg.metrics,

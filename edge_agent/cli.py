@@ -31,9 +31,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.agent import check_files
     from edge_agent.capture import redact_source
     from edge_agent.config import load_config
+    from models.face.encoders import encoder_spec, require_fetched
 
     cfg = load_config(args.config)
     check_files(cfg)
+    require_fetched(encoder_spec(cfg.models.encoder))
     print(
         json.dumps(
             {
@@ -43,7 +45,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 "broker": cfg.mqtt.url,
                 "cameras": {c.name: redact_source(c.source) for c in cfg.cameras},
                 "backend": cfg.models.backend,
-                "decision": cfg.decision.to_dict(),
+                "encoder": cfg.models.encoder,
+                "alignment": cfg.models.alignment,
+                "decision": cfg.rule.to_dict(),
                 "attendance_window_s": cfg.attendance.window_s,
                 "state_dir": str(cfg.state_dir),
             }
@@ -84,12 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from edge_agent.config import load_config
+    from models.face.encoders import DEFAULT_ENCODER, encoder_spec
     from models.face.engines import build_engines
 
     cfg = load_config(args.config) if args.config else None
     max_batch = cfg.models.max_batch if cfg else 32
     max_side = cfg.models.detector.max_side if cfg else 640
-    for record in build_engines(precision=args.precision, max_batch=max_batch, max_side=max_side):
+    encoder = encoder_spec(cfg.models.encoder if cfg else DEFAULT_ENCODER)
+    for record in build_engines(precision=args.precision, max_batch=max_batch, max_side=max_side, encoder=encoder):
         print(json.dumps(record), flush=True)
     return EXIT_OK
 
@@ -106,6 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             people=Path(args.people) if args.people else None,
             broker=args.broker,
             pipeline_only=args.pipeline_only,
+            encoder=args.encoder,
+            accept_licence=args.accept_licence,
         )
     )
     print(json.dumps(report.to_json()) if args.json else report.describe(), flush=True)
@@ -188,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--people", help="photos to enroll, one folder per person (default: the shipped demo photos)")
     p.add_argument("--broker", help="an mqtt:// URL for the event pass (default: an embedded broker)")
     p.add_argument("--pipeline-only", action="store_true", help="throughput only: no agent, broker or events")
+    p.add_argument("--encoder", default="dlib-resnet-v1", help="face encoder (models/face/encoders.py)")
+    p.add_argument("--accept-licence", default="", help="the acknowledgement a non-commercial encoder needs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

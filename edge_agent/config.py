@@ -24,13 +24,14 @@ from edge_agent.gallery.index import IndexParams
 from edge_agent.health.metrics import MetricsConfig
 from edge_agent.health.status import StatusConfig
 from edge_agent.recognition.attendance import AttendanceConfig
-from edge_agent.recognition.recognizer import DEFAULT_RULE, RecognitionConfig
+from edge_agent.recognition.recognizer import RecognitionConfig
 from edge_agent.recognition.tracker import TrackerConfig
 from edge_agent.style.worker import StyleConfig
 from models.config import load_dataclass, load_yaml
 from models.contract import limits, topics
-from models.decision.rules import DecisionRule
+from models.decision.rules import DEFAULT_MAX_DISTANCE, DecisionRule
 from models.errors import ConfigError, FaceAttendError
+from models.face.encoders import encoder_spec
 from models.face.pipeline import PipelineConfig
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -102,7 +103,8 @@ class EdgeConfig:
     gallery: GallerySection = field(default_factory=GallerySection)
     cameras: tuple[CameraConfig, ...] = ()
     models: PipelineConfig = field(default_factory=PipelineConfig)
-    decision: DecisionRule = DEFAULT_RULE  # `model-tool calibrate` writes this section: append its output here
+    # `model-tool calibrate` writes this section: append its output here; absent, the encoder's calibrated default
+    decision: DecisionRule | None = None
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     attendance: AttendanceConfig = field(default_factory=AttendanceConfig)
@@ -143,6 +145,24 @@ class EdgeConfig:
             raise ConfigError(f"cameras: camera names must be unique, {duplicates[0]!r} is used more than once")
         if self.models.backend not in BACKENDS:
             raise ConfigError(f"models.backend: expected one of {', '.join(BACKENDS)}, got {self.models.backend!r}")
+        spec = encoder_spec(self.models.encoder)
+        d = self.decision
+        if (
+            d is not None
+            and d.rule != "distance"
+            and d.max_distance == DEFAULT_MAX_DISTANCE != spec.same_person_distance
+        ):
+            # a ratio / margin rule written without a cap gets dlib's 0.6, meaningless in another encoder's space
+            raise ConfigError(
+                f"decision.max_distance: {DEFAULT_MAX_DISTANCE} is dlib's cap; distances of encoder {spec.name} are on "
+                f"another scale: write the cap calibrated for it (its same-person distance is "
+                f"{spec.same_person_distance})"
+            )
+
+    @property
+    def rule(self) -> DecisionRule:
+        """The decision the door applies: the configured one, else the encoder's calibrated default."""
+        return self.decision if self.decision is not None else encoder_spec(self.models.encoder).default_decision
 
     # The agent's files, with the state_dir defaults applied.
     @property

@@ -39,13 +39,18 @@ def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
     from enrollment_server.enrollment import Enroller
     from models.face.pipeline import FacePipeline, PipelineConfig
 
-    return Enroller(store, FacePipeline.create(PipelineConfig(alignment=cfg.enrollment.alignment)), cfg.enrollment)
+    e = cfg.enrollment
+    pipeline = FacePipeline.create(
+        PipelineConfig(encoder=e.encoder, accept_licence=e.accept_licence, alignment=e.alignment)
+    )
+    return Enroller(store, pipeline, e)
 
 
 def fingerprint(cfg: ServerConfig) -> str:
+    from models.face.encoders import encoder_spec
     from models.face.fingerprint import encoder_fingerprint
 
-    return encoder_fingerprint(alignment=cfg.enrollment.alignment).value
+    return encoder_fingerprint(encoder_spec(cfg.enrollment.encoder), alignment=cfg.enrollment.alignment).value
 
 
 def signer_for(cfg: ServerConfig, *, create: bool) -> Signer:
@@ -101,9 +106,16 @@ def make_link(config: MqttConfig) -> PahoMqttLink:
 
 def make_publisher(cfg: ServerConfig, store: Store, link: MqttLink, signer: Signer) -> GalleryPublisher:
     from enrollment_server.gallery_publisher import GalleryPublisher
+    from models.face.encoders import encoder_spec
 
     return GalleryPublisher(
-        store, link, signer, fingerprint(cfg), dtype=cfg.gallery.dtype, chunk_size=cfg.gallery.chunk_kib * 1024
+        store,
+        link,
+        signer,
+        fingerprint(cfg),
+        dtype=cfg.gallery.dtype,
+        chunk_size=cfg.gallery.chunk_kib * 1024,
+        dim=encoder_spec(cfg.enrollment.encoder).dim,  # an empty gallery's; a non-empty one has its templates'
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Literal
 from models.config import load_dataclass, load_yaml
 from models.contract import topics
 from models.errors import ConfigError, FaceAttendError
+from models.face.encoders import DEFAULT_ENCODER, check_choice
 from models.face.quality import QualityConfig
 
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -63,14 +65,32 @@ class EnrollmentSection:
     keep_photos: bool = False
     # a small JPEG of each template's aligned face (the console shows them); false keeps no face image at all
     keep_thumbnails: bool = True
-    # a photo whose face is this close to someone else already enrolled is flagged, not silently added (new people
-    # and photos added to an existing person alike)
-    duplicate_identity_distance: float = 0.5
-    # a photo added to a person with templates must be this close to one of them (dlib's own same-person threshold):
-    # farther, it is most likely someone else's photo uploaded under that name
-    same_person_distance: float = 0.6
-    alignment: Literal["dlib5", "template"] = "dlib5"
+    # the face encoder (models/face/encoders.py): every edge of the site must run the same one (provision-device
+    # writes it into their configs); an encoder whose weights may not be used commercially needs accept_licence
+    encoder: str = DEFAULT_ENCODER
+    accept_licence: str = ""
+    alignment: str = ""  # "": the encoder's own method
+    # The distances below depend on the encoder's embedding space; absent, they are the encoder's calibrated ones
+    # (dlib-resnet-v1: 0.5, 0.6 and quality.duplicate_template_distance 0.06).
+    # A photo whose face is this close to someone else already enrolled is flagged, not silently added (new people
+    # and photos added to an existing person alike); unknown visitors are grouped at it too.
+    duplicate_identity_distance: float | None = None
+    # a photo added to a person with templates must be this close to one of them (the encoder's same-person
+    # distance): farther, it is most likely someone else's photo uploaded under that name
+    same_person_distance: float | None = None
     quality: QualityConfig = field(default_factory=QualityConfig)
+
+    def __post_init__(self) -> None:
+        spec, method = check_choice(self.encoder, self.alignment, self.accept_licence, lambda f: f"enrollment.{f}")
+        object.__setattr__(self, "alignment", method)
+        # filled in here, so that every reader sees a number
+        if self.duplicate_identity_distance is None:
+            object.__setattr__(self, "duplicate_identity_distance", spec.duplicate_identity_distance)
+        if self.same_person_distance is None:
+            object.__setattr__(self, "same_person_distance", spec.same_person_distance)
+        if self.quality.duplicate_template_distance is None:
+            quality = dataclasses.replace(self.quality, duplicate_template_distance=spec.duplicate_template_distance)
+            object.__setattr__(self, "quality", quality)
 
 
 @dataclass(frozen=True)

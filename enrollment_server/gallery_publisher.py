@@ -69,13 +69,14 @@ from models.contract.gallery import DTYPES, Gallery, GalleryManifest, GalleryPer
 from models.contract.mqtt_link import MqttLink, PublishHandle
 from models.contract.signing import Signer
 from models.errors import ConfigError, ContractError, FaceAttendError, MqttError, PublishTimeoutError
+from models.face.encoders import DLIB_RESNET
 
 log = logging.getLogger(__name__)
 
 METRIC = "euclidean"
-# The dlib encoder's dimension; only used for an empty gallery, which has no stored template to take it from
-# (models.face.encoder.EMBEDDING_DIM, not imported because that module pulls OpenCV into the server's start-up).
-DEFAULT_DIM = 128
+# An empty gallery's dimension, which has no stored template to take it from: the default encoder's (the server
+# passes its configured encoder's).
+DEFAULT_DIM = DLIB_RESNET.dim
 DEFAULT_ACK_TIMEOUT_S = 60.0
 
 

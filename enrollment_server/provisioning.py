@@ -440,6 +440,8 @@ def render_edge_config(
     broker_url: str,
     cameras: Sequence[tuple[str, str]],
     backend: str,
+    encoder: str,
+    accept_licence: str,
     alignment: str,
     state_dir: str,
 ) -> str:
@@ -468,7 +470,13 @@ def render_edge_config(
             f"  public_key: {BUNDLE_PUBLIC_KEY}  # the enrollment server's gallery signing key (public half)",
             "models:",
             f"  backend: {q(backend)}",
-            f"  alignment: {q(alignment)}  # = the server's enrollment.alignment: encoder fingerprints must agree",
+            f"  encoder: {q(encoder)}  # = the server's enrollment.encoder: encoder fingerprints must agree",
+            *(
+                [f"  accept_licence: {q(accept_licence)}  # = the server's: see the encoder's licence"]
+                if accept_licence
+                else []
+            ),
+            f"  alignment: {q(alignment)}  # = the server's enrollment.alignment",
             "cameras:  # V4L2 device, RTSP URL or GStreamer pipeline",
             *camera_lines,
             "",
@@ -555,6 +563,8 @@ def provision_device(
         broker_url=url,
         cameras=camera_list,
         backend=backend,
+        encoder=cfg.enrollment.encoder,
+        accept_licence=cfg.enrollment.accept_licence,
         alignment=cfg.enrollment.alignment,
         state_dir=state_dir,
     )

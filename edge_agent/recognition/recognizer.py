@@ -57,6 +57,7 @@ from edge_agent.gallery.index import GalleryIndex, Matches
 from edge_agent.recognition.tracker import EndedTrack, TrackedFace, TrackUpdate
 from models.decision.rules import DecisionRule, Neighbours
 from models.errors import ConfigError, RecognitionError
+from models.face.encoders import DLIB_RESNET
 from models.face.quality import (
     LOW_CONFIDENCE,
     OFF_FRONTAL,
@@ -91,14 +92,10 @@ def _integer(key: str, value: object, low: int) -> int:
     return value
 
 
-# The open-set rule applied to a track's vote (the config's top-level `decision`, as `model-tool calibrate`
-# writes it); calibrate it per site. Default: the vote's winner must be within 0.55 (between the development set's
-# open-set calibration for single images, 0.527 at FPIR 1e-2, and dlib's 0.6 verification threshold, which lets
-# strangers in: a stranger in tests/integration/test_worker.py's video averages 0.63 to a look-alike, enrolled
-# people 0.38-0.43) AND at least 0.05 nearer than the next identity, so a face between two look-alikes is unknown
-# rather than a coin toss. On the development set, one image at a time against all the others, this accepts 158 of
-# 162 mates and 5 of 166 leave-one-identity-out strangers, as the plain 0.55 distance does.
-DEFAULT_RULE = DecisionRule.margin(0.05, max_distance=0.55)
+# The open-set rule applied to a track's vote (the config's top-level `decision`, as `model-tool calibrate` writes
+# it; a config without one takes its encoder's calibrated default, models/face/encoders.py). This is the default
+# encoder's.
+DEFAULT_RULE = DLIB_RESNET.default_decision
 
 
 @dataclass(frozen=True)

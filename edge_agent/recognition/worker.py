@@ -49,7 +49,6 @@ from edge_agent.recognition.recognizer import DEFAULT_RULE, RecognitionConfig, R
 from edge_agent.recognition.tracker import EndedTrack, Tracker, TrackerConfig, TrackUpdate
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError, ImageError
-from models.face.alignment import CHIP_SIZE
 from models.face.pipeline import FacePipeline
 from models.types import Detection
 
@@ -601,7 +600,8 @@ class InferenceWorker:
             )
             self.pipeline.aligner.align(blank, [face])
             for n in range(1, self.recognition_config.max_encodes_per_frame + 1):
-                self.pipeline.encoder.encode(np.zeros((n, CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8))
+                size = self.pipeline.aligner.size
+                self.pipeline.encoder.encode(np.zeros((n, size, size, 3), dtype=np.uint8))
         except Exception:
             log.exception("model warm-up failed; the first frames will show it")
             return

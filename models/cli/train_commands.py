@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.cli.common import EXIT_OK, add_pipeline_args, pipeline_from_args, progress_bar
+from models.cli.common import EXIT_OK, add_pipeline_args, encoder_from_args, pipeline_from_args, progress_bar
 
 if TYPE_CHECKING:
     from models.evaluation.scoring import EvaluationReport
@@ -59,7 +59,6 @@ def _figures(reports: Sequence[EvaluationReport]) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.cache import atomic_write_bytes
-    from models.decision.rules import DecisionRule
     from models.training.calibration import (
         CalibrationSettings,
         calibrate_open_set,
@@ -73,12 +72,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     far = check_target("--far", args.far)
     settings = CalibrationSettings(n_bootstrap=args.bootstrap, level=args.level, seed=args.seed)
     root = Path(args.dataset)
+    spec, _ = encoder_from_args(args)
     data = _embed(args, root)
     scores = pair_scores(data)
     calibrations = [
         calibrate_pairs(scores, far, settings),
-        calibrate_open_set(data, DecisionRule.margin(), far, settings),
-        calibrate_open_set(data, DecisionRule.ratio(), far, settings),
+        calibrate_open_set(data, spec.rule("margin"), far, settings),  # capped at the encoder's loose distance
+        calibrate_open_set(data, spec.rule("ratio"), far, settings),
     ]
     fragment = decision_fragment(
         calibrations, args.rule, fingerprint=data.fingerprint, source=f"model-tool calibrate {root} --far {far:g}"

@@ -1,6 +1,6 @@
-"""Face alignment onto dlib's 150x150 chip geometry, which the encoder was trained on.
+"""Face alignment: each encoder's chips cut the way its training data was cut.
 
-Two methods, both ending in the same warp:
+For dlib's encoder, two methods onto dlib's 150x150 chip geometry, both ending in the same warp:
 
 - ``dlib5`` (default): the chip dlib itself would cut. Our detector's box and landmarks predict the rect dlib's
   HOG detector would have given (a small linear model fitted on the development set), dlib's own 5-point shape
@@ -13,6 +13,11 @@ Two methods, both ending in the same warp:
   over the development set, measured by `model-tool fit-alignment` through dlib's image-to-chip transform).
   Cheaper (no cascade) but its crops differ from dlib's by a pixel or two: median distance 0.15 to dlib's
   embeddings.
+
+For the 112x112 ArcFace-family encoders (MobileFaceNet):
+
+- ``arcface112``: a least-squares similarity from the detector's five landmarks onto ARCFACE_112, the reference
+  points InsightFace's training crops were aligned to (no padding), as those encoders' authors align.
 
 The method is part of the encoder fingerprint: embeddings made under different methods are not mixed.
 """
@@ -28,9 +33,10 @@ import numpy as np
 from models.errors import ConfigError, ImageError
 from models.types import Detection
 
-CHIP_SIZE: Final[int] = 150
+CHIP_SIZE: Final[int] = 150  # dlib's chip
 CHIP_PADDING: Final[float] = 0.25  # dlib's get_face_chip_details padding for its face recognition model
-METHODS: Final[tuple[str, ...]] = ("dlib5", "template")
+CHIP_SIZES: Final[dict[str, int]] = {"dlib5": CHIP_SIZE, "template": CHIP_SIZE, "arcface112": 112}
+METHODS: Final[tuple[str, ...]] = tuple(CHIP_SIZES)
 DEFAULT_METHOD: Final[str] = "dlib5"
 
 # (x, y) in a 150x150 chip, in LANDMARK_NAMES order (image-left eye, image-right eye, nose, mouth corners).
@@ -45,6 +51,19 @@ TEMPLATE: Final[np.ndarray] = np.array(
     dtype=np.float64,
 )
 TEMPLATE.setflags(write=False)
+
+# (x, y) in a 112x112 chip, same landmark order: InsightFace's reference points for its 112x112 training crops
+ARCFACE_112: Final[np.ndarray] = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+ARCFACE_112.setflags(write=False)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -89,18 +108,24 @@ def template_transform(detection: Detection, size: int = CHIP_SIZE) -> np.ndarra
     return similarity_transform(detection.landmarks_array(), TEMPLATE * (size / CHIP_SIZE))
 
 
-class Aligner:
-    """Cuts encoder chips for detected faces with one alignment method."""
+def arcface_transform(detection: Detection) -> np.ndarray:
+    return similarity_transform(detection.landmarks_array(), ARCFACE_112)
 
-    def __init__(self, method: str = DEFAULT_METHOD, size: int = CHIP_SIZE) -> None:
+
+class Aligner:
+    """Cuts encoder chips for detected faces with one alignment method, at that method's chip size."""
+
+    def __init__(self, method: str = DEFAULT_METHOD) -> None:
         if method not in METHODS:
             raise ConfigError(f"alignment method {method!r} is not one of {', '.join(METHODS)}")
         self.method = method
-        self.size = size
+        self.size = CHIP_SIZES[method]
 
     def transform(self, image: np.ndarray, detection: Detection) -> np.ndarray:
         if self.method == "dlib5":
             return dlib5_transform(image, detection, self.size)
+        if self.method == "arcface112":
+            return arcface_transform(detection)
         return template_transform(detection, self.size)
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:

@@ -20,7 +20,7 @@ The output is byte-identical for identical input: fixed node and tensor names, n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,16 +39,11 @@ from models.face.dlib_format import (
     Tag,
     parse_dlib_network,
 )
+from models.face.onnx_graph import BATCH_DIM, INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION: int = 1
-
-OPSET = 13
-IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT >= 8.6
-INPUT_NAME = "chip"
-OUTPUT_NAME = "embedding"
-BATCH_DIM = "N"
 
 
 @dataclass(frozen=True)
@@ -57,24 +52,6 @@ class _Value:
 
     name: str
     shape: tuple[int, ...]
-
-
-@dataclass
-class _GraphBuilder:
-    nodes: list = field(default_factory=list)
-    initializers: list = field(default_factory=list)
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name=name))
-        return name
-
-    def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
-        from onnx import helper
-
-        self.nodes.append(helper.make_node(op, inputs, [output], name=f"{output}_{op}", **attrs))
-        return output
 
 
 def _conv_out(size: int, window: int, stride: int, pad: int) -> int:
@@ -99,7 +76,7 @@ def _fold_affine(con: Con, affine: Affine | None) -> tuple[np.ndarray, np.ndarra
     return w32, b32
 
 
-def _emit_conv(g: _GraphBuilder, i: int, x: _Value, con: Con, affine: Affine | None) -> _Value:
+def _emit_conv(g: GraphBuilder, i: int, x: _Value, con: Con, affine: Affine | None) -> _Value:
     channels, rows, cols = x.shape
     if con.weights.shape[1] != channels:
         raise ModelFormatError(f"dlib model: layer {i} (con) expects {con.weights.shape[1]} channels, gets {channels}")
@@ -117,7 +94,7 @@ def _emit_conv(g: _GraphBuilder, i: int, x: _Value, con: Con, affine: Affine | N
     return _Value(out, (con.num_filters, out_rows, out_cols))
 
 
-def _emit_affine(g: _GraphBuilder, i: int, x: _Value, affine: Affine) -> _Value:
+def _emit_affine(g: GraphBuilder, i: int, x: _Value, affine: Affine) -> _Value:
     """A free-standing affine (not after a con): y = gamma * x + beta, per channel or per element."""
     shape = (1, affine.gamma.shape[0], 1, 1) if affine.mode == "conv" else (1, *affine.gamma.shape)
     if affine.mode == "fc" and affine.gamma.shape != x.shape:
@@ -127,7 +104,7 @@ def _emit_affine(g: _GraphBuilder, i: int, x: _Value, affine: Affine) -> _Value:
     return _Value(out, x.shape)
 
 
-def _emit_pool(g: _GraphBuilder, i: int, x: _Value, pool: AvgPool | MaxPool) -> _Value:
+def _emit_pool(g: GraphBuilder, i: int, x: _Value, pool: AvgPool | MaxPool) -> _Value:
     channels, rows, cols = x.shape
     is_avg = isinstance(pool, AvgPool)
     if pool.rows == 0 and pool.cols == 0:
@@ -149,7 +126,7 @@ def _emit_pool(g: _GraphBuilder, i: int, x: _Value, pool: AvgPool | MaxPool) -> 
     return _Value(out, (channels, out_rows, out_cols))
 
 
-def _pad_to(g: _GraphBuilder, name: str, x: _Value, shape: tuple[int, ...]) -> _Value:
+def _pad_to(g: GraphBuilder, name: str, x: _Value, shape: tuple[int, ...]) -> _Value:
     """Zero-pad x at the end of each non-batch axis up to shape (dlib's tt::add reads missing elements as 0)."""
     if x.shape == shape:
         return x
@@ -159,7 +136,7 @@ def _pad_to(g: _GraphBuilder, name: str, x: _Value, shape: tuple[int, ...]) -> _
     return _Value(out, shape)
 
 
-def _emit_add_prev(g: _GraphBuilder, i: int, x: _Value, other: _Value) -> _Value:
+def _emit_add_prev(g: GraphBuilder, i: int, x: _Value, other: _Value) -> _Value:
     if len(x.shape) != len(other.shape):
         raise ModelFormatError(f"dlib model: layer {i} (add_prev) adds shapes {x.shape} and {other.shape}")
     shape = tuple(max(a, b) for a, b in zip(x.shape, other.shape, strict=True))
@@ -170,7 +147,7 @@ def _emit_add_prev(g: _GraphBuilder, i: int, x: _Value, other: _Value) -> _Value
     return _Value(g.node("Add", [a.name, b.name], f"l{i}_add_prev"), shape)
 
 
-def _emit_fc(g: _GraphBuilder, i: int, x: _Value, fc: Fc) -> _Value:
+def _emit_fc(g: GraphBuilder, i: int, x: _Value, fc: Fc) -> _Value:
     features = int(np.prod(x.shape))
     if features != fc.num_inputs:
         raise ModelFormatError(f"dlib model: layer {i} (fc) expects {fc.num_inputs} inputs, gets {features}")
@@ -191,8 +168,8 @@ def _nearest_tag(layers: tuple[Layer, ...], outputs: list[_Value], before: int, 
     raise ModelFormatError(f"dlib model: layer {before} ({what}) refers to tag{tag}, which is not below it")
 
 
-def build_graph(net: DlibNetwork) -> _GraphBuilder:
-    g = _GraphBuilder()
+def build_graph(net: DlibNetwork) -> GraphBuilder:
+    g = GraphBuilder()
     means = np.array(net.input.mean_rgb, dtype=np.float32).reshape(1, 3, 1, 1)
     centred = g.node("Sub", [INPUT_NAME, g.const("input_mean_rgb", means)], "input_centred")
     # dlib divides by 256.0; multiplying by 2**-8 is exact, so the result is bit-identical
@@ -239,25 +216,15 @@ def build_graph(net: DlibNetwork) -> _GraphBuilder:
 
 
 def convert_network(net: DlibNetwork) -> bytes:
-    import onnx
-    from onnx import TensorProto, helper
-
-    g = build_graph(net)
-    chip = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, 3, net.input.rows, net.input.cols])
-    embedding = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, 128])
-    graph = helper.make_graph(g.nodes, "dlib_resnet_v1", [chip], [embedding], initializer=g.initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="faceattend.dlib_onnx",
-        producer_version=str(CONVERTER_VERSION),
+    return build_graph(net).finish(
+        graph_name="dlib_resnet_v1",
+        inputs=[(INPUT_NAME, [BATCH_DIM, 3, net.input.rows, net.input.cols])],
+        outputs=[(OUTPUT_NAME, [BATCH_DIM, 128])],
+        opset=OPSET,
+        producer="faceattend.dlib_onnx",
+        version=CONVERTER_VERSION,
+        what="dlib model",
     )
-    model.ir_version = IR_VERSION
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelError(f"dlib model: the converted ONNX graph is invalid: {exc}") from exc
-    return model.SerializeToString(deterministic=True)
 
 
 def convert_dlib_bytes(data: bytes) -> bytes:

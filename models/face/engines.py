@@ -9,16 +9,20 @@ from collections.abc import Iterator
 from models.backends import create_backend
 from models.face.detector import DetectorConfig, detector_profile
 from models.face.encoder import encoder_profile
-from models.registry import DETECTOR, ENCODER, detector_onnx_bytes, encoder_onnx_path
+from models.face.encoders import DLIB_RESNET, EncoderSpec, encoder_onnx_path
+from models.registry import DETECTOR, detector_onnx_bytes
 
 log = logging.getLogger(__name__)
 
 
-def build_engines(*, precision: str = "fp16", max_batch: int = 32, max_side: int = 640) -> Iterator[dict]:
-    """One record per model: where its engine is and whether it was already cached. Idempotent."""
+def build_engines(
+    *, precision: str = "fp16", max_batch: int = 32, max_side: int = 640, encoder: EncoderSpec = DLIB_RESNET
+) -> Iterator[dict]:
+    """One record per model (the detector and `encoder`): where its engine is and whether it was already cached.
+    Idempotent."""
     plans = (
         (DETECTOR.name, detector_onnx_bytes(), detector_profile(DetectorConfig(max_side=max_side), min(max_batch, 8))),
-        (ENCODER.name, encoder_onnx_path(), encoder_profile(max_batch)),
+        (encoder.manifest.name, encoder_onnx_path(encoder), encoder_profile(encoder, max_batch)),
     )
     for name, onnx, profile in plans:
         log.info("%s: TensorRT engine for profile %s (%s)", name, profile.key(), precision)

@@ -15,9 +15,9 @@ import json
 from dataclasses import asdict, dataclass
 
 from models.errors import ConfigError
-from models.face.alignment import CHIP_PADDING, CHIP_SIZE, DEFAULT_METHOD, METHODS, TEMPLATE
-from models.face.encoder import EMBEDDING_DIM
-from models.registry import ENCODER, SHAPE_PREDICTOR, ModelManifest
+from models.face.alignment import ARCFACE_112, CHIP_PADDING, CHIP_SIZES, METHODS, TEMPLATE
+from models.face.encoders import DLIB_RESNET, EncoderSpec
+from models.registry import SHAPE_PREDICTOR
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,13 @@ class EncoderFingerprint:
 def _alignment_fields(method: str, template: tuple[tuple[float, float], ...] | None) -> dict:
     if method not in METHODS:
         raise ConfigError(f"alignment method {method!r} is not one of {', '.join(METHODS)}")
-    fields: dict = {"method": method, "chip_size": CHIP_SIZE}
+    fields: dict = {"method": method, "chip_size": CHIP_SIZES[method]}
     if method == "template":
         tpl = template if template is not None else tuple(map(tuple, TEMPLATE.tolist()))
         fields["template"] = [[round(x, 2), round(y, 2)] for x, y in tpl]
+    elif method == "arcface112":
+        tpl = template if template is not None else tuple(map(tuple, ARCFACE_112.tolist()))
+        fields["template"] = [[round(x, 4), round(y, 4)] for x, y in tpl]
     else:
         from models.face.dlib_shape import RECT_MODEL
 
@@ -48,22 +51,20 @@ def _alignment_fields(method: str, template: tuple[tuple[float, float], ...] | N
 
 
 def encoder_fingerprint(
-    manifest: ModelManifest = ENCODER,
-    *,
-    alignment: str = DEFAULT_METHOD,
-    template: tuple[tuple[float, float], ...] | None = None,
-    dim: int = EMBEDDING_DIM,
-    normalisation: str = "none",
-    metric: str = "euclidean",
+    spec: EncoderSpec = DLIB_RESNET, *, alignment: str = "", template: tuple[tuple[float, float], ...] | None = None
 ) -> EncoderFingerprint:
+    """The fingerprint of `spec`'s embeddings under `alignment` (its default method when "")."""
+    method = alignment or spec.alignments[0]
+    if method not in spec.alignments:
+        raise ConfigError(f"encoder {spec.name} takes alignment {', '.join(spec.alignments)}, not {method!r}")
     fields = {
-        "model": manifest.name,
-        "weights_sha256": manifest.sha256,
-        "preprocessing": manifest.preprocessing,
-        "alignment": _alignment_fields(alignment, template),
-        "dim": dim,
-        "normalisation": normalisation,
-        "metric": metric,
+        "model": spec.manifest.name,
+        "weights_sha256": spec.manifest.sha256,
+        "preprocessing": spec.manifest.preprocessing,
+        "alignment": _alignment_fields(method, template),
+        "dim": spec.dim,
+        "normalisation": spec.normalisation,
+        "metric": spec.metric,
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    return EncoderFingerprint(f"{manifest.name}-{hashlib.sha256(canonical).hexdigest()[:16]}", fields)
+    return EncoderFingerprint(f"{spec.manifest.name}-{hashlib.sha256(canonical).hexdigest()[:16]}", fields)

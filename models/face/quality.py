@@ -1,7 +1,7 @@
 """Face quality gates (enrollment photos, and edge captures before encoding): each rejection has one specific,
 machine-readable reason.
 
-Thresholds were set on the development face set (aligned 150x150 chips, our detector's landmarks): they keep
+Thresholds were set on the development face set (aligned 150x150 dlib chips, our detector's landmarks): they keep
 99 % of its photos, which include tight 150 px celebrity crops, and reject what degrades templates: a Gaussian
 blur of sigma 3 brings the chip's Laplacian variance from ~340 (median) to ~23; eye distances below ~28 px mean
 the chip is an upscale; |yaw| above 0.4 (nose offset from the eyes' midpoint in eye distances) is a half
@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from models.face.alignment import CHIP_SIZE, CHIP_SIZES
 from models.types import FaceEmbedding
+
+# The blur figure is in the units of dlib's 150x150 chip, where every blur threshold was set. The tighter 112x112
+# ArcFace chip of the same face has about 3x its Laplacian variance (median ratio 2.4-3.5 over the test faces and 300
+# lfw-dev images, sharp and Gaussian-blurred with sigma 1-3), so its variance is divided by 3: a gate then rejects
+# about the same faces whichever encoder runs.
+_BLUR_DIVISOR = {CHIP_SIZE: 1.0, CHIP_SIZES["arcface112"]: 3.0}
 
 # reason codes (stable: the API and the CLI report them)
 NO_FACE = "no_face"
@@ -40,8 +47,9 @@ class QualityConfig:
     min_blur: float = 25.0  # Laplacian variance of the aligned grey chip
     max_yaw: float = 0.4  # |nose offset from the eyes' midpoint| / eye distance
     pitch_range: tuple[float, float] = (0.3, 0.9)  # (nose - eyes) / (mouth - eyes), vertically
-    # a second photo this close to one of the person's templates adds nothing (same photo, re-encoded)
-    duplicate_template_distance: float = 0.06
+    # a second photo this close to one of the person's templates adds nothing (same photo, re-encoded); None: the
+    # encoder's calibrated distance (models/face/encoders.py), filled in by the enrollment server's config
+    duplicate_template_distance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ def face_figures(face: FaceEmbedding, chip: np.ndarray) -> FaceFigures:
     down = float((mouth_mid - eye_mid) @ normal)
     pitch = float((nose - eye_mid) @ normal) / down if abs(down) > 1e-6 else 0.0
     grey = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY)
-    blur = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    blur = float(cv2.Laplacian(grey, cv2.CV_64F).var()) / _BLUR_DIVISOR.get(chip.shape[0], 1.0)
     return FaceFigures(det.score, float(min(det.width, det.height)), iod, blur, yaw, pitch)
 
 

@@ -168,7 +168,7 @@ class _FaceProbe:
         import onnx
 
         from models.backends import create_backend
-        from models.registry import encoder_onnx_path
+        from models.face.encoders import encoder_onnx_path
 
         model = onnx.load(str(encoder_onnx_path()))
         fields = onnx_fields(model)

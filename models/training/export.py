@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.face.dlib_onnx import IR_VERSION, OPSET
+from models.face.onnx_graph import IR_VERSION, OPSET
 from models.training.verifier import CHI2_EPS
 
 if TYPE_CHECKING:

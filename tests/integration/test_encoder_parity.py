@@ -12,6 +12,7 @@ import pytest
 
 from models import registry
 from models.backends.onnxruntime_backend import OnnxRuntimeBackend
+from models.face import encoders
 from models.face.dlib_onnx import convert_dlib_bytes
 
 NUM_CHIPS = 12
@@ -57,7 +58,7 @@ def reference(chips: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def backend():
-    with OnnxRuntimeBackend(convert_dlib_bytes(registry.encoder_source_bytes()), label="encoder") as b:
+    with OnnxRuntimeBackend(convert_dlib_bytes(registry.read_verified(registry.DLIB_ENCODER)), label="encoder") as b:
         yield b
 
 
@@ -97,10 +98,10 @@ def test_batch_of_8_equals_batch_of_1(backend: OnnxRuntimeBackend, chips: np.nda
 
 def test_registry_caches_the_same_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FACEATTEND_CACHE", str(tmp_path))
-    registry.encoder_onnx_path.cache_clear()
+    encoders.encoder_onnx_path.cache_clear()
     try:
-        path = registry.encoder_onnx_path()
+        path = encoders.encoder_onnx_path()
         assert path.is_relative_to(tmp_path)
-        assert path.read_bytes() == convert_dlib_bytes(registry.encoder_source_bytes())
+        assert path.read_bytes() == convert_dlib_bytes(registry.read_verified(registry.DLIB_ENCODER))
     finally:
-        registry.encoder_onnx_path.cache_clear()
+        encoders.encoder_onnx_path.cache_clear()

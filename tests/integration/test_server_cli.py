@@ -197,6 +197,15 @@ def test_config_errors_and_unreachable_broker(cli: Cli):
     code, _, err = cli("list")
     assert code == EXIT_FATAL and "colour" in err
 
+    # the encoder: a known one, and a non-commercial one only with its licence acknowledged
+    cli.write_config("mqtt://127.0.0.1:1883", enrollment={"encoder": "facenet"})
+    code, _, err = cli("list")
+    assert code == EXIT_FATAL and "enrollment.encoder: unknown encoder 'facenet'; known encoders: dlib-resnet-v1" in err
+    cli.write_config("mqtt://127.0.0.1:1883", enrollment={"encoder": "mobilefacenet-192"})
+    code, _, err = cli("list")
+    assert code == EXIT_FATAL and "mobilefacenet-192's weights may not be used commercially" in err
+    assert "MS1M-V2" in err and "set enrollment.accept_licence to non-commercial-research" in err
+
     cli.write_config(f"mqtt://127.0.0.1:{free_port()}")
     code, _, err = cli("publish", "--timeout", "1")
     assert code == EXIT_BROKER and "not reachable" in err

@@ -262,9 +262,44 @@ def test_the_edge_config_loads_with_the_edge_agents_loader(tmp_path, server_cfg)
     assert result.password_status == "created" and result.key_id in result.instructions
     text = render_edge_config(
         device="d", site="s", broker_url="mqtts://d@b:8883", cameras=[("c", "0")], backend="tensorrt",
-        alignment="dlib5", state_dir="/var/lib/faceattend",
+        encoder="dlib-resnet-v1", accept_licence="", alignment="dlib5", state_dir="/var/lib/faceattend",
     )  # fmt: skip
-    assert set(yaml.safe_load(text)) == {"device_id", "site", "state_dir", "mqtt", "gallery", "models", "cameras"}
+    data = yaml.safe_load(text)
+    assert set(data) == {"device_id", "site", "state_dir", "mqtt", "gallery", "models", "cameras"}
+    assert data["models"] == {"backend": "tensorrt", "encoder": "dlib-resnet-v1", "alignment": "dlib5"}
+
+
+def test_a_site_on_the_non_commercial_encoder_provisions_doors_that_run_it(tmp_path):
+    edge_config = pytest.importorskip("edge_agent.config")
+    from enrollment_server.components import fingerprint
+    from models.face.encoders import encoder_spec
+    from models.face.fingerprint import encoder_fingerprint
+
+    key = tmp_path / "keys" / "gallery-signing.pem"
+    Signer.generate().save(key)
+    enrollment = {"encoder": "mobilefacenet-192", "accept_licence": "non-commercial-research"}
+    server = config_from_dict({"site": "hq", "gallery": {"signing_key": str(key)}, "enrollment": enrollment})
+    assert server.enrollment.alignment == "arcface112"  # the encoder's own
+    result = provision_device(
+        server,
+        auth_dir=auth_dir(tmp_path).dir,
+        out_dir=tmp_path / "out",
+        site="hq",
+        device="door-8",
+        broker_url="mqtts://broker.example.org:8883",
+        ca_file=self_signed_ca(tmp_path / "ca.crt"),
+        cameras=["door=/dev/video0"],
+        backend="onnxruntime",
+    )
+    cfg = edge_config.load_config(result.bundle / "edge.yaml")
+    models = cfg.models
+    assert (models.encoder, models.accept_licence, models.alignment) == (
+        "mobilefacenet-192",
+        "non-commercial-research",
+        "arcface112",
+    )
+    door = encoder_fingerprint(encoder_spec(models.encoder), alignment=models.alignment).value
+    assert door == fingerprint(server) and door.startswith("mobilefacenet_192-")
 
 
 def test_bad_inputs_write_nothing(tmp_path, server_cfg):

@@ -30,7 +30,7 @@ SERVER_STACK = (
 )
 EDGE_STACK = ("edge_agent", "hnswlib")
 TORCH_STYLE_MODULES = ("cost", "lossnet", "optimize", "train", "export", "transformer", "visualize")
-HEAVY = ("torch", "matplotlib", "tensorrt", "pycuda", "dlib", "face_recognition")
+HEAVY = ("torch", "matplotlib", "tensorrt", "pycuda", "dlib", "face_recognition", "tflite", "ai_edge_litert")
 
 PROBE = """
 import importlib, json, sys

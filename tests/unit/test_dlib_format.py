@@ -184,7 +184,7 @@ def test_tensor_with_wrong_version_raises() -> None:
 
 @pytest.fixture(scope="module")
 def source() -> bytes:
-    return registry.encoder_source_bytes()  # verifies the pinned sha256
+    return registry.read_verified(registry.DLIB_ENCODER)  # verifies the pinned sha256
 
 
 @pytest.fixture(scope="module")
