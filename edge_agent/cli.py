@@ -1,4 +1,4 @@
-"""`edge-agent`: check-config, run, build-engines, bench, make-video, demo.
+"""`edge-agent`: check-config, run, build-engines, bench, bench-door, make-video, demo.
 
 Exit codes: 0 success; 1 the demo / bench ran but its ground-truth check failed; 2 bad input (configuration,
 arguments, files); 3 a runtime failure (broker, camera, model, disk).
@@ -112,6 +112,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+def cmd_bench_door(args: argparse.Namespace) -> int:
+    extras.require("server", "edge-agent bench-door (it runs the enrollment server beside the agent)")
+    from edge_agent.devtools.door_bench import DoorBenchOptions, run_door_bench, write_json
+
+    decision = None
+    if args.decision:
+        from models.training.calibration import read_decision
+
+        decision = read_decision(args.decision)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: need at least 1, got {args.seeds}")
+    options = DoorBenchOptions(
+        people=Path(args.people),
+        enrolled=args.enrolled,
+        walk_ins=args.walk_ins,
+        strangers=args.strangers,
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        broker=args.broker,
+        realtime=not args.every_frame,
+        decision=decision,
+        peer=args.peer,
+        peer_every=args.peer_every,
+        workdir=Path(args.workdir) if args.workdir else None,
+        cache=Path(args.cache) if args.cache else None,
+        quiet=args.quiet,
+    )
+    report = run_door_bench(options, progress=sys.stderr)
+    print(report.format(), flush=True)
+    if args.json:
+        write_json(report, Path(args.json))
+        print(f"everything: {args.json}", flush=True)
+    return EXIT_OK
+
+
 def cmd_make_video(args: argparse.Namespace) -> int:
     from edge_agent.devtools.demo import make_video, plan_people
     from edge_agent.devtools.videogen import load_people
@@ -179,6 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-only", action="store_true", help="throughput only: no agent, broker or events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-door",
+        help="door videos from a folder of people, the real server and agent, events scored against the truth",
+        description="Per seed: N people enrolled from one photo each, W of them walk in shown with another photo, "
+        "S strangers walk in; the enrollment server enrolls, the agent watches the video, the events a consumer "
+        "receives are scored: correct / wrong person / missed / strangers accepted; face_recognition beside it "
+        "when installed.",
+    )
+    p.add_argument("people", help="one sub-folder of photos per person")
+    p.add_argument("--enrolled", type=int, default=500, help="people enrolled from one photo each (default 500)")
+    p.add_argument("--walk-ins", type=int, default=40, help="enrolled people who walk in (default 40)")
+    p.add_argument("--strangers", type=int, default=20, help="people not enrolled who walk in (default 20)")
+    p.add_argument("--seeds", type=int, default=1, help="runs, each with its own draw and video (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--broker", help="an mqtt:// URL of a running broker (default: an embedded one)")
+    p.add_argument(
+        "--every-frame", action="store_true", help="the agent takes every frame (default: real time, as a camera)"
+    )
+    p.add_argument("--decision", help="the edge's decision: a YAML file with a `decision` section, or inline YAML")
+    p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition beside ours")
+    p.add_argument("--peer-every", type=int, default=1, help="the peer takes every n-th frame (default 1: all)")
+    p.add_argument("--workdir", help="keep videos, databases and logs here (default: a temporary folder, removed)")
+    p.add_argument("--cache", help="the peer's embedding cache folder (default: the faceattend cache)")
+    p.add_argument("--json", help="write every figure, plan and event here")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_bench_door)
 
     p = sub.add_parser("make-video", help="render a door-camera test video from a folder of photos per person")
     p.add_argument("--people", required=True, help="one sub-folder of photos per person")
