@@ -312,7 +312,7 @@ def run_seed(
     with tqdm(total=spec.frame_count, unit="frame", desc="video", file=sys.stderr, disable=options.quiet) as bar:
         truth = generate_video(spec, video, progress=bar.update)
 
-    device = f"door-{plan.seed}"
+    device = f"door-{plan.seed}-{secrets.token_hex(3)}"
     received: list[tuple[AttendanceEvent, float]] = []
 
     def on_event(event: AttendanceEvent, at: float) -> None:

@@ -185,9 +185,11 @@ def describe_rule(rule: DecisionRule) -> str:
 
 
 def configured_rules(extra: Sequence[tuple[str, DecisionRule]] = ()) -> tuple[tuple[str, DecisionRule], ...]:
-    """(label, rule) at a configured threshold: each kind at rules.py's default (capped at dlib's 0.6), the shipped
-    default, and `extra` (e.g. --decision)."""
-    out = [(f"{k} default", DecisionRule(k, DEFAULT_THRESHOLDS[k])) for k in ("distance", "ratio", "margin")]  # type: ignore[arg-type]
+    """(label, rule) at a configured threshold: each kind at rules.py's default threshold (ratio and margin capped at
+    dlib's 0.6; the ratio one is `model-tool identify`'s default), the shipped default (the edge's), and `extra`
+    (e.g. --decision)."""
+    labels = {"distance": "distance default", "ratio": "identify's default", "margin": "margin default"}
+    out = [(label, DecisionRule(k, DEFAULT_THRESHOLDS[k])) for k, label in labels.items()]  # type: ignore[arg-type]
     out.append(("shipped default", DEFAULT_RULE))
     out.extend(extra)
     return tuple(out)
