@@ -286,7 +286,7 @@ def run_seed(
     plan: DoorPlan,
     workdir: Path,
     broker_url: str,
-    peer_gallery: tuple[list[str], np.ndarray] | None,
+    peer_encodings: Mapping[str, np.ndarray | None] | None,
     say: Callable[[str], None],
 ) -> SeedRun:
     """Steps 2-5 of the module docstring for one seed."""
@@ -387,22 +387,14 @@ def run_seed(
         verdicts.append(Verdict(index, event.person_id, record))
     scores = {OURS: score_door(walks, verdicts)}
     peer_info = None
-    if peer_gallery is not None:
+    if peer_encodings is not None:
         from edge_agent.devtools.door_peer import run_peer
 
-        names, encodings = peer_gallery
-        enrolled_rows = [i for i, n in enumerate(names) if n in plan.enrolled]
+        names, encodings = peer_gallery(options, plan, peer_encodings)
         n_frames = -(-truth.frame_count // options.peer_every)
         say(f"seed {plan.seed}: {PEER} on the same video, frame by frame")
         with tqdm(total=n_frames, unit="frame", desc=PEER, file=sys.stderr, disable=options.quiet) as peer_bar:
-            peer = run_peer(
-                video,
-                truth,
-                [names[i] for i in enrolled_rows],
-                encodings[enrolled_rows],
-                every=options.peer_every,
-                progress=peer_bar.update,
-            )
+            peer = run_peer(video, truth, names, encodings, every=options.peer_every, progress=peer_bar.update)
         peer_walks = [Walk(w.person, w.kind) for w in walks]  # the peer enrolls every photo: no gate
         for mode, label in PEER_MODES.items():
             scores[f"{PEER} ({label})"] = score_door(peer_walks, peer.verdicts(mode))
@@ -427,8 +419,9 @@ def _peer_available() -> bool:
     return importlib.util.find_spec("face_recognition") is not None
 
 
-def peer_gallery_of(options: DoorBenchOptions, plans: Sequence[DoorPlan]) -> tuple[list[str], np.ndarray]:
-    """face_recognition's encodings of every enrollment photo of every plan (the whole folder, cached)."""
+def peer_encodings_of(options: DoorBenchOptions) -> dict[str, np.ndarray | None]:
+    """face_recognition's encoding of every photo of the people folder (relative path -> vector; cached): each
+    seed's peer gallery is its enrollment photos' rows, so the peer enrolls exactly the photos our server was given."""
     from tqdm import tqdm
 
     from models.evaluation.scoring import load_identities
@@ -436,11 +429,17 @@ def peer_gallery_of(options: DoorBenchOptions, plans: Sequence[DoorPlan]) -> tup
 
     total = sum(len(v) for v in load_identities(options.people).values())
     with tqdm(total=total, unit="img", desc=f"{PEER} enrollment", file=sys.stderr, disable=options.quiet) as bar:
-        rows = embed_dataset_peer(options.people, progress=bar.update, cache_root=options.cache).as_mapping()
+        return embed_dataset_peer(options.people, progress=bar.update, cache_root=options.cache).as_mapping()
+
+
+def peer_gallery(
+    options: DoorBenchOptions, plan: DoorPlan, encodings: Mapping[str, np.ndarray | None]
+) -> tuple[list[str], np.ndarray]:
+    """The peer's enrolled names and encodings for one plan: one row per enrollment photo it has an encoding of."""
     names, vectors = [], []
-    for person, photos in sorted({p: ph for plan in plans for p, ph in plan.enrolled.items()}.items()):
+    for person, photos in plan.enrolled.items():
         for photo in photos:
-            v = rows.get(photo.relative_to(options.people).as_posix())
+            v = encodings.get(photo.relative_to(options.people).as_posix())
             if v is not None:
                 names.append(person)
                 vectors.append(np.asarray(v, dtype=np.float64))
@@ -463,7 +462,7 @@ def run_door_bench(options: DoorBenchOptions, progress: TextIO | None = None) ->
     ]
     notes = []
     with_peer = options.peer == "on" or (options.peer == "auto" and _peer_available())
-    gallery = peer_gallery_of(options, plans) if with_peer else None
+    encodings = peer_encodings_of(options) if with_peer else None
     if options.peer == "auto" and not with_peer:
         notes.append(f"{PEER} is not installed: no peer figures")
     runs = []
@@ -473,7 +472,7 @@ def run_door_bench(options: DoorBenchOptions, progress: TextIO | None = None) ->
             say(f"seed {plan.seed} ({i + 1} of {len(plans)})")
             seed_dir = workdir / f"seed-{plan.seed}"
             seed_dir.mkdir(parents=True, exist_ok=True)
-            run = run_seed(options, plan, seed_dir, broker_url, gallery, say)
+            run = run_seed(options, plan, seed_dir, broker_url, encodings, say)
             say(f"seed {plan.seed}: faceattend {run.scores[OURS].line().strip()} ({run.seconds:.0f} s)")
             runs.append(run)
     if with_peer:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edge_agent.devtools.door_bench import DoorBenchInputError, DoorBenchOptions, plan_door
+from edge_agent.devtools.door_bench import DoorBenchInputError, DoorBenchOptions, peer_gallery, plan_door
 from edge_agent.devtools.door_peer import PeerCall, PeerRun
 from edge_agent.devtools.door_score import TABLE_HEAD, DoorScoreError, Verdict, Walk, score_door
 
@@ -139,3 +140,20 @@ def test_the_plan_enrolls_one_photo_and_shows_another() -> None:
 def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(DoorBenchInputError, match=message):
         DoorBenchOptions(Path("people"), **kwargs)
+
+
+def test_the_peer_enrolls_exactly_each_seeds_enrollment_photos() -> None:
+    """Another seed may enroll the same person from another photo (perhaps the one this seed shows at the door):
+    the peer's gallery holds this plan's photos only."""
+    root = Path("people")
+    people = {f"m{i}": tuple(root / f"m{i}" / f"{j}.jpg" for j in range(4)) for i in range(6)}
+    encodings = {f"m{i}/{j}.jpg": np.full(128, 10.0 * i + j) for i in range(6) for j in range(4)}
+    encodings["m0/0.jpg"] = None  # a photo the peer found no face in
+    options = DoorBenchOptions(root, enrolled=4, walk_ins=2, strangers=1)
+    for seed in range(6):
+        plan = plan_door(people, enrolled=4, walk_ins=2, strangers=1, seed=seed)
+        names, rows = peer_gallery(options, plan, encodings)
+        expected = [(p, photos[0]) for p, photos in plan.enrolled.items() if photos[0].name != "0.jpg" or p != "m0"]
+        assert names == [p for p, _ in expected]
+        for (person, photo), row in zip(expected, rows, strict=True):
+            assert row[0] == 10.0 * int(person[1:]) + int(photo.stem)
