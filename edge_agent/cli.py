@@ -112,8 +112,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM as Ctrl-C: the demo's and the bench's clean-up (the server process, the agent) still runs."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def cmd_bench_door(args: argparse.Namespace) -> int:
     extras.require("server", "edge-agent bench-door (it runs the enrollment server beside the agent)")
+    _stop_on_sigterm()
     from edge_agent.devtools.door_bench import DoorBenchOptions, run_door_bench, write_json
 
     decision = None
@@ -170,6 +180,7 @@ def cmd_make_video(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     extras.require("server", "edge-agent demo (it runs the enrollment server beside the agent)")
+    _stop_on_sigterm()
     from edge_agent.devtools.demo import DEMO_PEOPLE, DemoOptions, run_demo
 
     result = run_demo(
