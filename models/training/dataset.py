@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.cache import atomic_write_bytes, cache_dir
-from models.errors import DatasetError, ImageError
+from models.errors import DatasetError, ImageError, ModelError
 from models.evaluation.scoring import (
     Protocol,
     build_protocol,
@@ -217,11 +217,20 @@ def embed_dataset_peer(
 
     base = Path(root)
     ids = scan_dataset(base)
-    versions = {name: importlib.metadata.version(name) for name in ("face_recognition", "face_recognition_models")}
-    try:
-        versions["dlib"] = importlib.metadata.version("dlib-bin")
-    except importlib.metadata.PackageNotFoundError:
-        versions["dlib"] = importlib.metadata.version("dlib")
+    versions = {}
+    for key, names in (
+        ("face_recognition", ("face_recognition",)),
+        ("face_recognition_models", ("face_recognition_models",)),
+        ("dlib", ("dlib-bin", "dlib")),
+    ):
+        for name in names:
+            try:
+                versions[key] = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            raise ModelError(f"the peer needs {names[0]}: pip install --no-deps face_recognition==1.3.0 (and dlib-bin)")
     cache = _cache_path(base, ids, {"system": PEER_SYSTEM, **versions}, cache_root) if use_cache else None
     images = [rel for v in ids.values() for rel in v]
     rows, fresh = _from_cache(cache, base, images, lambda todo: embed_peer(base, todo, progress), progress)
