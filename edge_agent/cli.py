@@ -112,6 +112,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+def _yaml_mapping(option: str, value: str) -> dict:
+    """A mapping from a YAML file or inline YAML."""
+    import yaml
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8") if path.is_file() else value)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{option}: neither a readable YAML file nor valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option}: expected a mapping such as '{{quality: {{min_blur: 10}}}}', got {value!r}")
+    return data
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM as Ctrl-C: the demo's and the bench's clean-up (the server process, the agent) still runs."""
 
@@ -133,6 +147,7 @@ def cmd_bench_door(args: argparse.Namespace) -> int:
         decision = read_decision(args.decision)
     if args.seeds < 1:
         raise ConfigError(f"--seeds: need at least 1, got {args.seeds}")
+    enrollment = _yaml_mapping("--enrollment", args.enrollment) if args.enrollment else None
     options = DoorBenchOptions(
         people=Path(args.people),
         enrolled=args.enrolled,
@@ -142,6 +157,7 @@ def cmd_bench_door(args: argparse.Namespace) -> int:
         broker=args.broker,
         realtime=not args.every_frame,
         decision=decision,
+        enrollment=enrollment,
         peer=args.peer,
         peer_every=args.peer_every,
         workdir=Path(args.workdir) if args.workdir else None,
@@ -244,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--every-frame", action="store_true", help="the agent takes every frame (default: real time, as a camera)"
     )
     p.add_argument("--decision", help="the edge's decision: a YAML file with a `decision` section, or inline YAML")
+    p.add_argument(
+        "--enrollment",
+        help="the enrollment server's `enrollment` section (YAML file or inline), e.g. '{quality: {min_blur: 10}}' "
+        "(default: the server's defaults)",
+    )
     p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition beside ours")
     p.add_argument("--peer-every", type=int, default=1, help="the peer takes every n-th frame (default 1: all)")
     p.add_argument("--workdir", help="keep videos, databases and logs here (default: a temporary folder, removed)")

@@ -78,6 +78,7 @@ class DoorSetup:
     import_options: tuple[str, ...] = ()  # for `enrollment-server import`
     site: str = SITE  # another site per run keeps runs on one broker apart (the gallery is retained per site)
     device_id: str = DEVICE
+    enrollment: Mapping[str, Any] | None = None  # the server config's `enrollment` section (None: its defaults)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ def free_port() -> int:
 class ServerProcess:
     """The enrollment server driven through its own CLI, in its own processes, with its own config file."""
 
-    def __init__(self, workdir: Path, broker_url: str, site: str = SITE) -> None:
+    def __init__(
+        self, workdir: Path, broker_url: str, site: str = SITE, enrollment: Mapping[str, Any] | None = None
+    ) -> None:
         self.workdir = workdir
         self.config = workdir / "server.yaml"
         self.public_key = workdir / "keys" / "gallery-signing.pub.pem"
@@ -139,18 +142,16 @@ class ServerProcess:
         self.api_port = free_port()
         import yaml
 
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "site": site,
-                    "database": {"url": str(workdir / "server.db")},
-                    "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server"},
-                    "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
-                    "api": {"host": "127.0.0.1", "port": self.api_port},
-                }
-            ),
-            encoding="utf-8",
-        )
+        config: dict[str, Any] = {
+            "site": site,
+            "database": {"url": str(workdir / "server.db")},
+            "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server"},
+            "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
+            "api": {"host": "127.0.0.1", "port": self.api_port},
+        }
+        if enrollment is not None:
+            config["enrollment"] = dict(enrollment)  # the server's own strict loader checks it
+        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     def _command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "enrollment_server.cli", "-c", str(self.config), *args]
@@ -343,7 +344,7 @@ def run_door(
     starts (to observe the agent); `tick()` about five times a second while the video plays."""
     from edge_agent.agent import EdgeAgent
 
-    server = ServerProcess(workdir, broker_url, setup.site)
+    server = ServerProcess(workdir, broker_url, setup.site, setup.enrollment)
     server.run("init")
     enroll_dir = workdir / "enroll"
     _stage_enrollment(setup.enrolled, enroll_dir)

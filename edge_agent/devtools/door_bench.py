@@ -29,6 +29,7 @@ import logging
 import secrets
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class DoorBenchOptions:
     broker: str | None = None  # an mqtt:// URL; None: an embedded broker
     realtime: bool = True  # False: the agent takes every frame, however long it needs
     decision: DecisionRule | None = None  # None: the edge's default
+    enrollment: Mapping[str, Any] | None = None  # the enrollment server's `enrollment` section (None: defaults)
     peer: Literal["auto", "on", "off"] = "auto"
     peer_every: int = 1  # the peer processes every n-th frame
     workdir: Path | None = None  # None: a temporary folder, removed
@@ -167,6 +169,7 @@ class SeedRun:
             "agent": self.agent,
             "events": list(self.events),
             "scores": {k: v.to_dict() for k, v in self.scores.items()},
+            "on_enrolled_walk_ins": {k: dict(on_enrolled_walk_ins(self, k)) for k in self.scores},
             "peer": self.peer,
             "seconds": round(self.seconds, 1),
         }
@@ -197,6 +200,7 @@ class DoorBenchReport:
             "agent_reads": "real time (frames it cannot keep up with are dropped)" if o.realtime else "every frame",
             "decision": o.rule.to_dict(),
             "decision_is_default": o.decision is None,
+            "enrollment_config": o.enrollment,
             "peer_every": o.peer_every,
             "target": TARGET,
             "totals": {k: v.counts() for k, v in self.totals().items()},
@@ -214,14 +218,23 @@ class DoorBenchReport:
             f"{o.width}x{o.height} at {o.fps:g} fps, the agent reading "
             + ("in real time" if o.realtime else "every frame"),
             f"decision: {rule.rule} {rule.threshold:g}{cap}" + (" (the shipped default)" if o.decision is None else ""),
-            "",
         ]
+        if o.enrollment is not None:
+            lines.append(f"the enrollment server's enrollment section: {json.dumps(o.enrollment)}")
+        lines.append("")
         for run in self.runs:
             e, a, v = run.enrollment, run.agent, run.video
+            refused = Counter(reason.split(":")[0] for reason in e["rejected"].values())
+            enrolled = len(_enrolled_walk_ins(run))
             lines.append(
-                f"seed {run.seed}: video {v['seconds']:.0f} s ({v['frames']} frames); enrollment {e['accepted']} of "
-                f"{e['photos']} photos accepted; agent {a['frames']} frames ({a['frames_dropped']} dropped), "
-                f"{a['events']} events" + (f"; peer {run.peer['frames']} frames" if run.peer else "")
+                f"seed {run.seed}: video {v['seconds']:.0f} s ({v['frames']} frames); agent {a['frames']} frames "
+                f"({a['frames_dropped']} dropped), {a['events']} events"
+                + (f"; peer {run.peer['frames']} frames" if run.peer else "")
+            )
+            lines.append(
+                f"  the server's quality gate accepted {e['accepted']} of {e['photos']} enrollment photos"
+                + (f" (refused: {', '.join(f'{k} {n}' for k, n in refused.most_common())})" if refused else "")
+                + f"; {enrolled} of {run.scores[OURS].walk_ins} walk-ins enrolled"
             )
         width = max(len(s) for s in self.totals()) + 2
         lines += ["", f"{'':<9}{'':<{width}}{TABLE_HEAD}"]
@@ -231,6 +244,15 @@ class DoorBenchReport:
         if len(self.runs) > 1:
             for system, score in self.totals().items():
                 lines.append(f"{'total':<9}{system:<{width}}{score.line()}")
+        lines += ["", "on the walk-ins the server enrolled (the peer enrolls every photo: it has no quality gate):"]
+        for system in self.totals():
+            counts: Counter[str] = Counter()
+            for run in self.runs:
+                counts += on_enrolled_walk_ins(run, system)
+            lines.append(
+                f"  {system:<{width}}{counts['correct']} / {sum(counts.values())} correct, {counts['wrong']} wrong, "
+                f"{counts['missed']} missed"
+            )
         lines += ["", f"target (issue 13, per run): {TARGET}"]
         for run in self.runs:
             ours = run.scores[OURS]
@@ -245,6 +267,17 @@ class DoorBenchReport:
             lines += [f"  seed {run.seed}: {x}" for x in _failures(run)]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _enrolled_walk_ins(run: SeedRun) -> set[int]:
+    """The appearances of walk-ins whose enrollment photo the server accepted."""
+    return {o.index for o in run.scores[OURS].outcomes if o.kind == "walk-in" and o.note is None}
+
+
+def on_enrolled_walk_ins(run: SeedRun, system: str) -> Counter[str]:
+    """`system`'s outcomes on the walk-ins the server enrolled (what the decision could recognise)."""
+    enrolled = _enrolled_walk_ins(run)
+    return Counter(o.outcome for o in run.scores[system].outcomes if o.index in enrolled)
 
 
 def _failures(run: SeedRun) -> list[str]:
@@ -340,6 +373,7 @@ def run_seed(
         import_options=("--allow-duplicate-identity",),  # the folder's people are distinct by construction
         site=f"bench-door-{secrets.token_hex(3)}",
         device_id=device,
+        enrollment=options.enrollment,
     )
     try:
         quiet = options.quiet

@@ -58,6 +58,8 @@ def test_bench_door_scores_the_agents_events_against_the_truth(test_faces: Path,
     assert score["correct"] == 5 - sum(1 for p in plan["walk_ins"] if p in rejected) >= 3
     assert score["wrong"] == score["strangers_accepted"] == score["unattributed"] == 0
     assert data["totals"]["faceattend"] == {k: v for k, v in score.items() if k != "appearances"}
+    assert run["on_enrolled_walk_ins"]["faceattend"] == {"correct": 5 - len(set(plan["walk_ins"]) & set(rejected))}
+    assert f"{5 - len(set(plan['walk_ins']) & set(rejected))} of 5 walk-ins enrolled" in proc.stdout
 
     events = run["events"]
     assert len(events) == run["agent"]["events"] >= 8  # each appearance decided (unknown visitors are events)
@@ -101,3 +103,5 @@ def test_bench_door_refuses_what_it_cannot_plan(test_faces: Path, tmp_path: Path
     assert proc.returncode == 2 and "--walk-ins 30: only 18 people have two photos" in proc.stderr
     proc = edge_agent("bench-door", str(test_faces), "--decision", "{rule: margin}", "--enrolled", "5", timeout=60)
     assert proc.returncode == 2 and "missing key 'threshold'" in proc.stderr
+    proc = edge_agent("bench-door", str(test_faces), "--enrollment", "[1, 2]", timeout=60)
+    assert proc.returncode == 2 and "--enrollment: expected a mapping" in proc.stderr
