@@ -197,6 +197,7 @@ class EdgeAgent:
             tracker=cfg.tracker,
             recognition=cfg.recognition,
             rule=cfg.decision,
+            config=cfg.worker,
         )
         self.metrics = MetricsServer(
             cfg.metrics,

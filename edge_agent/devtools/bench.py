@@ -656,10 +656,13 @@ class AgentProbe:
         self.decided: dict[tuple[str, int], ProbedDecision] = {}
         self.positions: dict[float, float] = {}  # frame captured_at (the worker's clock) -> position in the file (s)
         self.origin: float | None = None  # wall time of position 0 (earliest wall_time - position)
+        self.media_clock = False
         self.frames = 0
         self.position = 0.0  # the latest file position the worker took (s)
 
     def install(self, agent: Any) -> None:
+        # on the media clock a decision's frame_ts is the frame's position in the file (one file, never looping)
+        self.media_clock = agent.worker.config.clock == "media"
         on_decision = agent.worker.on_decision
         next_frame = agent.cameras.next_frame
 
@@ -705,7 +708,7 @@ class AgentProbe:
 
 def owner_of(d: ProbedDecision, probe: AgentProbe, truth: Any) -> Any:
     """The ground-truth appearance whose face the decision's best box covers, on its best frame; None if none."""
-    position = probe.positions.get(d.frame_ts)
+    position = d.frame_ts if probe.media_clock else probe.positions.get(d.frame_ts)
     if truth is None or position is None:
         return None
     frame = round(position * truth.fps)

@@ -73,7 +73,8 @@ class DoorSetup:
     video: Path
     window_s: float = 300.0
     unknown_events: bool = True
-    realtime: bool = True  # read the file at its own rate, as a camera delivers (False: every frame, however slow)
+    # read the file at its own rate, as a camera delivers (False: every frame, however slow, on the video's clock)
+    realtime: bool = True
     decision: DecisionRule | None = None  # None: the edge's default
     import_options: tuple[str, ...] = ()  # for `enrollment-server import`
     site: str = SITE  # another site per run keeps runs on one broker apart (the gallery is retained per site)
@@ -313,6 +314,8 @@ def _edge_config(workdir: Path, broker_url: str, public_key: Path, setup: DoorSe
         "attendance": {"window_s": setup.window_s, "unknown_events": setup.unknown_events},
         "snapshots": {"mode": "face"},
     }
+    if not setup.realtime:  # every frame, however slow: tracks then run on the video's clock, not this machine's
+        data["worker"] = {"clock": "media"}
     if setup.decision is not None:
         data["decision"] = setup.decision.to_dict()
     return config_from_dict(data, workdir)

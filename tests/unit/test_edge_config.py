@@ -55,6 +55,8 @@ def test_minimal_config_takes_the_defaults_and_resolves_paths_beside_the_file(si
     assert cfg.client_id == "door-1"
     assert cfg.decision == DEFAULT_RULE
     assert cfg.models.backend == "onnxruntime" and not cfg.metrics.enabled and not cfg.style.enabled
+    assert cfg.worker.clock == "capture"  # live cameras: tracks in real time
+    assert config_from_dict(minimal() | {"worker": {"clock": "media"}}, site).worker.clock == "media"
     check_files(cfg)
 
 
@@ -97,6 +99,8 @@ def test_absolute_paths_and_network_sources_are_kept(site: Path, tmp_path: Path)
         ({"snapshots": {"mode": "video"}}, r"snapshots\.mode: expected one of"),
         ({"log_level": "CHATTY"}, r"log_level: expected one of"),
         ({"recognition": {"decision": {"rule": "distance", "threshold": 0.5}}}, r"recognition\.decision: unknown"),
+        ({"worker": {"clock": "moon"}}, r"worker\.clock: expected one of"),
+        ({"worker": {"frame_timeout_s": 0}}, r"worker\.frame_timeout_s: must be a finite number > 0"),
     ],
 )
 def test_bad_values_name_the_key(site: Path, change: dict, message: str) -> None:
