@@ -386,7 +386,7 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
 
     from models.cache import atomic_write_bytes
     from models.evaluation.embed import PEER_SYSTEM
-    from models.evaluation.openset import OpenSetSpec, describe_rule, draw_split, run_openset
+    from models.evaluation.openset import OpenSetSpec, draw_split, run_openset
     from models.training.calibration import read_decision
     from models.training.dataset import embed_dataset, embed_dataset_peer, scan_dataset
 
@@ -403,7 +403,8 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
         calibration_share=args.calibration_share,
         calibration_gallery=args.calibration_gallery,
     )
-    configured = [(f"--decision: {describe_rule(r)}", r) for r in (read_decision(d) for d in args.decision or ())]
+    given = [read_decision(d) for d in args.decision or ()]
+    configured = [("--decision" if len(given) == 1 else f"--decision {i + 1}", r) for i, r in enumerate(given)]
     ids = scan_dataset(root)
     for seed in spec.seeds:  # an impossible split is refused before minutes of embedding
         draw_split(ids, spec, seed)
