@@ -210,6 +210,7 @@ class EdgeAgent:
             tracker=cfg.tracker,
             recognition=cfg.recognition,
             rule=cfg.rule,
+            config=cfg.worker,
         )
         self.metrics = MetricsServer(
             cfg.metrics,

@@ -1,4 +1,4 @@
-"""`edge-agent`: check-config, run, build-engines, bench, bench-gallery, make-video, demo.
+"""`edge-agent`: check-config, run, build-engines, bench, bench-gallery, bench-door, make-video, demo.
 
 Exit codes: 0 success; 1 the demo / bench ran but its ground-truth check failed; 2 bad input (configuration,
 arguments, files); 3 a runtime failure (broker, camera, model, disk).
@@ -130,6 +130,66 @@ def cmd_bench_gallery(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.within_targets for r in rows) else EXIT_CHECK_FAILED
 
 
+def _yaml_mapping(option: str, value: str) -> dict:
+    """A mapping from a YAML file or inline YAML."""
+    import yaml
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8") if path.is_file() else value)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{option}: neither a readable YAML file nor valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option}: expected a mapping such as '{{quality: {{min_blur: 10}}}}', got {value!r}")
+    return data
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM as Ctrl-C: the demo's and the bench's clean-up (the server process, the agent) still runs."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def cmd_bench_door(args: argparse.Namespace) -> int:
+    extras.require("server", "edge-agent bench-door (it runs the enrollment server beside the agent)")
+    _stop_on_sigterm()
+    from edge_agent.devtools.door_bench import DoorBenchOptions, run_door_bench, write_json
+
+    decision = None
+    if args.decision:
+        from models.training.calibration import read_decision
+
+        decision = read_decision(args.decision)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: need at least 1, got {args.seeds}")
+    enrollment = _yaml_mapping("--enrollment", args.enrollment) if args.enrollment else None
+    options = DoorBenchOptions(
+        people=Path(args.people),
+        enrolled=args.enrolled,
+        walk_ins=args.walk_ins,
+        strangers=args.strangers,
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        broker=args.broker,
+        realtime=not args.every_frame,
+        decision=decision,
+        enrollment=enrollment,
+        peer=args.peer,
+        peer_every=args.peer_every,
+        workdir=Path(args.workdir) if args.workdir else None,
+        cache=Path(args.cache) if args.cache else None,
+        quiet=args.quiet,
+    )
+    report = run_door_bench(options, progress=sys.stderr)
+    print(report.format(), flush=True)
+    if args.json:
+        write_json(report, Path(args.json))
+        print(f"everything: {args.json}", flush=True)
+    return EXIT_OK
+
+
 def cmd_make_video(args: argparse.Namespace) -> int:
     from edge_agent.devtools.demo import make_video, plan_people
     from edge_agent.devtools.videogen import load_people
@@ -154,6 +214,7 @@ def cmd_make_video(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     extras.require("server", "edge-agent demo (it runs the enrollment server beside the agent)")
+    _stop_on_sigterm()
     from edge_agent.devtools.demo import DEMO_PEOPLE, DemoOptions, run_demo
 
     result = run_demo(
@@ -210,6 +271,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=500, help="probes per latency figure")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_gallery)
+
+    p = sub.add_parser(
+        "bench-door",
+        help="door videos from a folder of people, the real server and agent, events scored against the truth",
+        description="Per seed: N people enrolled from one photo each, W of them walk in shown with another photo, "
+        "S strangers walk in; the enrollment server enrolls, the agent watches the video, the events a consumer "
+        "receives are scored: correct / wrong person / missed / strangers accepted; face_recognition beside it "
+        "when installed.",
+    )
+    p.add_argument("people", help="one sub-folder of photos per person")
+    p.add_argument("--enrolled", type=int, default=500, help="people enrolled from one photo each (default 500)")
+    p.add_argument("--walk-ins", type=int, default=40, help="enrolled people who walk in (default 40)")
+    p.add_argument("--strangers", type=int, default=20, help="people not enrolled who walk in (default 20)")
+    p.add_argument("--seeds", type=int, default=1, help="runs, each with its own draw and video (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--broker", help="an mqtt:// URL of a running broker (default: an embedded one)")
+    p.add_argument(
+        "--every-frame", action="store_true", help="the agent takes every frame (default: real time, as a camera)"
+    )
+    p.add_argument("--decision", help="the edge's decision: a YAML file with a `decision` section, or inline YAML")
+    p.add_argument(
+        "--enrollment",
+        help="the enrollment server's `enrollment` section (YAML file or inline), e.g. '{quality: {min_blur: 10}}' "
+        "(default: the server's defaults)",
+    )
+    p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition beside ours")
+    p.add_argument("--peer-every", type=int, default=1, help="the peer takes every n-th frame (default 1: all)")
+    p.add_argument("--workdir", help="keep videos, databases and logs here (default: a temporary folder, removed)")
+    p.add_argument("--cache", help="the peer's embedding cache folder (default: the faceattend cache)")
+    p.add_argument("--json", help="write every figure, plan and event here")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_bench_door)
 
     p = sub.add_parser("make-video", help="render a door-camera test video from a folder of photos per person")
     p.add_argument("--people", required=True, help="one sub-folder of photos per person")

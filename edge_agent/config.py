@@ -26,6 +26,7 @@ from edge_agent.health.status import StatusConfig
 from edge_agent.recognition.attendance import AttendanceConfig
 from edge_agent.recognition.recognizer import RecognitionConfig
 from edge_agent.recognition.tracker import TrackerConfig
+from edge_agent.recognition.worker import WorkerConfig
 from edge_agent.style.worker import StyleConfig
 from models.config import load_dataclass, load_yaml
 from models.contract import limits, topics
@@ -108,6 +109,9 @@ class EdgeConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     attendance: AttendanceConfig = field(default_factory=AttendanceConfig)
+    # the inference worker; `clock: media` measures tracks in the video's own time (a file camera replayed with
+    # `realtime: false` for a benchmark, so the outcome does not depend on how fast this machine is)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     # privacy: whether faces of unknown visitors go to the enrollment server (off by default; the server must opt
     # the site in as well)

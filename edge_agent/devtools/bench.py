@@ -649,12 +649,15 @@ def _wait_video(
 
 # --- pass 2: event latency -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Decided:
+class ProbedDecision:
     """What the probe keeps of a decision (not its frame)."""
 
     person_id: str | None
+    candidate: str | None  # the nearest identity, accepted or not
+    reason: str  # the recognizer's DecisionReason
     trigger: str
     samples: int
+    vote_share: float
     bbox: tuple[float, float, float, float]
     frame_ts: float
     first_seen_ts: float
@@ -664,16 +667,22 @@ class _Decided:
     stored_at: float  # time.time() when the agent's callback returned (event in the outbox, or refused)
 
 
-class _AgentProbe:
-    """Wraps the agent's decision callback and frame source to time them (see the module docstring)."""
+class AgentProbe:
+    """Wraps the agent's decision callback and frame source to time them (see the module docstring), and to
+    attribute each decision to the ground truth's face (`owner_of`); `frames` counts the frames the worker took."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.decided: dict[tuple[str, int], _Decided] = {}
+        self.decided: dict[tuple[str, int], ProbedDecision] = {}
         self.positions: dict[float, float] = {}  # frame captured_at (the worker's clock) -> position in the file (s)
         self.origin: float | None = None  # wall time of position 0 (earliest wall_time - position)
+        self.media_clock = False
+        self.frames = 0
+        self.position = 0.0  # the latest file position the worker took (s)
 
     def install(self, agent: Any) -> None:
+        # on the media clock a decision's frame_ts is the frame's position in the file (one file, never looping)
+        self.media_clock = agent.worker.config.clock == "media"
         on_decision = agent.worker.on_decision
         next_frame = agent.cameras.next_frame
 
@@ -682,10 +691,13 @@ class _AgentProbe:
             try:
                 on_decision(d)
             finally:
-                record = _Decided(
+                record = ProbedDecision(
                     person_id=d.person_id,
+                    candidate=d.candidate,
+                    reason=getattr(d.reason, "value", str(d.reason)),
                     trigger=getattr(d.trigger, "value", str(d.trigger)),
                     samples=d.samples,
+                    vote_share=d.vote_share,
                     bbox=tuple(d.bbox),  # type: ignore[arg-type]
                     frame_ts=d.frame_ts,
                     first_seen_ts=d.first_seen_ts,
@@ -703,6 +715,8 @@ class _AgentProbe:
                 position = f.position_ms / 1000.0
                 origin = f.wall_time.timestamp() - position
                 with self._lock:
+                    self.frames += 1
+                    self.position = max(self.position, position)
                     self.positions[f.captured_at] = position
                     if self.origin is None or origin < self.origin:
                         self.origin = origin
@@ -712,9 +726,9 @@ class _AgentProbe:
         agent.cameras.next_frame = frame
 
 
-def _owner(d: _Decided, probe: _AgentProbe, truth: Any) -> Any:
+def owner_of(d: ProbedDecision, probe: AgentProbe, truth: Any) -> Any:
     """The ground-truth appearance whose face the decision's best box covers, on its best frame; None if none."""
-    position = probe.positions.get(d.frame_ts)
+    position = d.frame_ts if probe.media_clock else probe.positions.get(d.frame_ts)
     if truth is None or position is None:
         return None
     frame = round(position * truth.fps)
@@ -792,7 +806,7 @@ def measure_event_latency(
 
     consumer = Consumer(broker_url, on_event)
     agent = EdgeAgent(cfg)
-    probe = _AgentProbe()
+    probe = AgentProbe()
     try:
         consumer.start()
         agent.start()
@@ -826,7 +840,7 @@ def measure_event_latency(
         if d is None:
             unmatched += 1
             continue
-        appearance = _owner(d, probe, truth)
+        appearance = owner_of(d, probe, truth)
         first_frame = (
             None if appearance is None or probe.origin is None else probe.origin + appearance.start_frame / truth.fps
         )

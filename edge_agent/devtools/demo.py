@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from models.contract import topics
 from models.contract.events import AttendanceEvent
 from models.contract.mqtt_link import InboundMessage, MqttConfig, PahoMqttLink
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, ContractError, FaceAttendError
 
 if TYPE_CHECKING:
@@ -63,6 +64,34 @@ class DemoOptions:
     window_s: float = 300.0
     unknown_events: bool = True
     stay: bool = False  # after the video, keep the server (and its web console) and the agent up until Ctrl-C
+
+
+@dataclass(frozen=True)
+class DoorSetup:
+    """One run at the door: who is enrolled (from which photos), the video, and the edge's settings."""
+
+    enrolled: Mapping[str, tuple[Path, ...]]
+    video: Path
+    window_s: float = 300.0
+    unknown_events: bool = True
+    # read the file at its own rate, as a camera delivers (False: every frame, however slow, on the video's clock)
+    realtime: bool = True
+    decision: DecisionRule | None = None  # None: the edge's default
+    import_options: tuple[str, ...] = ()  # for `enrollment-server import`
+    site: str = SITE  # another site per run keeps runs on one broker apart (the gallery is retained per site)
+    device_id: str = DEVICE
+    enrollment: Mapping[str, Any] | None = None  # the server config's `enrollment` section (None: its defaults)
+    share_unknown: bool = False  # the site opts in: doors send unknown visitors' faces to the server's console
+
+
+@dataclass(frozen=True)
+class DoorRun:
+    """What a door run leaves besides the events: the server's verdict on every enrollment photo, the agent's
+    worker figures."""
+
+    enrollment: tuple[dict[str, Any], ...]  # `enrollment-server import` output, one JSON object per photo
+    frames: int
+    frames_dropped: int
 
 
 @dataclass(frozen=True)
@@ -104,7 +133,15 @@ def free_port() -> int:
 class ServerProcess:
     """The enrollment server driven through its own CLI, in its own processes, with its own config file."""
 
-    def __init__(self, workdir: Path, broker_url: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        broker_url: str,
+        site: str = SITE,
+        enrollment: Mapping[str, Any] | None = None,
+        *,
+        share_unknown: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.config = workdir / "server.yaml"
         self.public_key = workdir / "keys" / "gallery-signing.pub.pem"
@@ -115,21 +152,19 @@ class ServerProcess:
         self.api_port = free_port()
         import yaml
 
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "site": SITE,
-                    "database": {"url": str(workdir / "server.db")},
-                    # 3.1.1: the embedded broker speaks nothing else
-                    "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server", "protocol": "3.1.1"},
-                    "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
-                    "api": {"host": "127.0.0.1", "port": self.api_port},
-                    # the demo's site shares its unknown visitors (the shipped photos' strangers) with the console
-                    "unknown_visitors": {"sites": [SITE]},
-                }
-            ),
-            encoding="utf-8",
-        )
+        config: dict[str, Any] = {
+            "site": site,
+            "database": {"url": str(workdir / "server.db")},
+            # 3.1.1: the embedded broker speaks nothing else
+            "mqtt": {"url": broker_url, "client_id": "demo-enrollment-server", "protocol": "3.1.1"},
+            "gallery": {"signing_key": str(workdir / "keys" / "gallery-signing.pem")},
+            "api": {"host": "127.0.0.1", "port": self.api_port},
+        }
+        if share_unknown:  # the site's doors send the faces of unknown visitors to the console
+            config["unknown_visitors"] = {"sites": [site]}
+        if enrollment is not None:
+            config["enrollment"] = dict(enrollment)  # the server's own strict loader checks it
+        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     @property
     def console_url(self) -> str:
@@ -231,8 +266,8 @@ def broker_url_for(url: str | None) -> Iterator[str]:
         yield broker.url
 
 
-def _stage_enrollment(plan: PeoplePlan, folder: Path) -> None:
-    for person, photos in plan.enrolled.items():
+def _stage_enrollment(enrolled: Mapping[str, tuple[Path, ...]], folder: Path) -> None:
+    for person, photos in enrolled.items():
         (folder / person).mkdir(parents=True, exist_ok=True)
         for photo in photos:
             shutil.copyfile(photo, folder / person / photo.name)
@@ -282,23 +317,25 @@ def _expected_events(video: Path, window_s: float) -> dict[str, int] | None:
     return expected
 
 
-def _edge_config(workdir: Path, broker_url: str, public_key: Path, video: Path, options: DemoOptions) -> Any:
+def _edge_config(workdir: Path, broker_url: str, public_key: Path, setup: DoorSetup) -> Any:
     from edge_agent.config import config_from_dict
 
-    return config_from_dict(
-        {
-            "device_id": DEVICE,
-            "site": SITE,
-            "state_dir": str(workdir / "edge"),
-            "mqtt": {"url": broker_url},
-            "gallery": {"public_key": str(public_key)},
-            "cameras": [{"name": CAMERA, "source": str(video)}],
-            "attendance": {"window_s": options.window_s, "unknown_events": options.unknown_events},
-            "snapshots": {"mode": "face"},
-            "unknown_faces": {"share": True},  # the demo site opted in: strangers appear in the console
-        },
-        workdir,
-    )
+    data: dict[str, Any] = {
+        "device_id": setup.device_id,
+        "site": setup.site,
+        "state_dir": str(workdir / "edge"),
+        "mqtt": {"url": broker_url},
+        "gallery": {"public_key": str(public_key)},
+        "cameras": [{"name": CAMERA, "source": str(setup.video), "realtime": setup.realtime}],
+        "attendance": {"window_s": setup.window_s, "unknown_events": setup.unknown_events},
+        "snapshots": {"mode": "face"},
+        "unknown_faces": {"share": setup.share_unknown},
+    }
+    if not setup.realtime:  # every frame, however slow: tracks then run on the video's clock, not this machine's
+        data["worker"] = {"clock": "media"}
+    if setup.decision is not None:
+        data["decision"] = setup.decision.to_dict()
+    return config_from_dict(data, workdir)
 
 
 def _format_event(event: AttendanceEvent, latency_s: float) -> str:
@@ -310,8 +347,72 @@ def _format_event(event: AttendanceEvent, latency_s: float) -> str:
     )
 
 
-def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
+def run_door(
+    setup: DoorSetup,
+    workdir: Path,
+    broker_url: str,
+    on_event: Callable[[AttendanceEvent, float], None],
+    say: Callable[[str], None] = lambda _: None,
+    *,
+    show_progress: bool = True,
+    on_agent: Callable[[Any], None] | None = None,
+    tick: Callable[[], None] | None = None,
+    on_server: Callable[[ServerProcess], None] | None = None,
+    stay: bool = False,
+) -> DoorRun:
+    """The enrollment server (its own process, driven through its CLI) enrolls `setup.enrolled` and publishes the
+    gallery; an edge agent takes it and watches `setup.video`; a consumer hands each event it receives to
+    `on_event(event, received_at)`. `on_agent(agent)` runs once the gallery is in service, before the camera
+    starts (to observe the agent); `tick()` about five times a second while the video plays; `on_server(server)` once
+    the server serves (its console is up); `stay`: after the video, keep everything up until Ctrl-C."""
     from edge_agent.agent import EdgeAgent
+
+    server = ServerProcess(workdir, broker_url, setup.site, setup.enrollment, share_unknown=setup.share_unknown)
+    server.run("init")
+    enroll_dir = workdir / "enroll"
+    _stage_enrollment(setup.enrolled, enroll_dir)
+    say(f"enrolling {len(setup.enrolled)} people ({sum(map(len, setup.enrolled.values()))} photos)")
+    printed = server.run("import", str(enroll_dir), "--no-publish", *setup.import_options, show_progress=show_progress)
+    enrollment = tuple(
+        line for line in (json.loads(x) for x in printed.splitlines() if x.startswith("{")) if "summary" not in line
+    )
+    consumer = Consumer(broker_url, on_event)
+    consumer.start()
+    server.start()
+    if on_server is not None:
+        on_server(server)
+    agent = EdgeAgent(_edge_config(workdir, broker_url, server.public_key, setup))
+    try:
+        agent.start()
+        deadline = time.monotonic() + GALLERY_TIMEOUT_S
+        while agent.gallery_version() is None:
+            server.check_alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"no gallery reached the edge within {GALLERY_TIMEOUT_S:.0f} s")
+            time.sleep(0.1)
+        if on_agent is not None:
+            on_agent(agent)
+        say(f"gallery version {agent.gallery_version()} in service; the camera starts")
+        agent.start_cameras()
+        while not agent.cameras_finished(0.2):
+            server.check_alive()
+            if tick is not None:
+                tick()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while agent.outbox_depth() > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the last confirmed events are on their way to the consumer
+        stats = agent.worker.stats()
+        if stay:
+            _stay(server, say)
+    finally:
+        agent.stop()
+        consumer.stop()
+        server.stop()
+    return DoorRun(enrollment, stats.frames, stats.frames_dropped)
+
+
+def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     from edge_agent.devtools.videogen import load_people
 
     def say(text: str) -> None:
@@ -336,49 +437,37 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
 
     with workdir_for(options.workdir) as workdir, broker_url_for(options.broker) as broker_url:
         say(f"broker {broker_url}; working folder {workdir}")
-        server = ServerProcess(workdir, broker_url)
-        server.run("init")
-        enroll_dir = workdir / "enroll"
-        _stage_enrollment(plan, enroll_dir)
-        say(f"enrolling {len(plan.enrolled)} people ({sum(map(len, plan.enrolled.values()))} photos)")
-        server.run("import", str(enroll_dir), "--no-publish", show_progress=not options.json)
         video = options.video
         if video is None:
             video = workdir / "door.avi"
             make_video(plan, video, options.seed, say)
         expected = _expected_events(video, options.window_s)
-        consumer = Consumer(broker_url, on_event)
-        consumer.start()
-        server.start()
-        # the console's address and token, on stderr in --json mode (stdout stays one event per line)
-        print(
-            f"== web console: {server.console_url} (sign in with the admin token {server.token})",
-            file=sys.stderr if options.json else out,
-            flush=True,
+        setup = DoorSetup(
+            plan.enrolled,
+            video,
+            window_s=options.window_s,
+            unknown_events=options.unknown_events,
+            share_unknown=True,  # the demo site opted in: its strangers appear on the console's Unknown visitors page
         )
-        agent = EdgeAgent(_edge_config(workdir, broker_url, server.public_key, video, options))
-        try:
-            agent.start()
-            deadline = time.monotonic() + GALLERY_TIMEOUT_S
-            while agent.gallery_version() is None:
-                server.check_alive()
-                if time.monotonic() > deadline:
-                    raise DemoError(f"no gallery reached the edge within {GALLERY_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
-            say(f"gallery version {agent.gallery_version()} in service; the camera starts")
-            agent.start_cameras()
-            while not agent.cameras_finished(0.2):
-                server.check_alive()
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while agent.outbox_depth() > 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(0.5)  # the last PUBACKed events are on their way to the consumer
-            if options.stay:
-                _stay(server, say)
-        finally:
-            agent.stop()
-            consumer.stop()
-            server.stop()
+
+        def console(server: ServerProcess) -> None:
+            # the console's address and token, on stderr in --json mode (stdout stays one event per line)
+            print(
+                f"== web console: {server.console_url} (sign in with the admin token {server.token})",
+                file=sys.stderr if options.json else out,
+                flush=True,
+            )
+
+        run_door(
+            setup,
+            workdir,
+            broker_url,
+            on_event,
+            say,
+            show_progress=not options.json,
+            on_server=console,
+            stay=options.stay,
+        )
     _check(result, expected)
     _summary(result, options, out)
     return result

@@ -44,7 +44,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -157,6 +157,11 @@ class GalleryIndex:
         self._names: Mapping[str, str] = MappingProxyType({p.person_id: p.name for p in gallery.people})
         counts = np.bincount(self._labels, minlength=len(gallery.people))
         self._max_per_person = int(counts.max()) if counts.size else 0
+        # person id -> its template rows, for exact distances to chosen identities (distances_to)
+        pieces = np.split(np.argsort(self._labels, kind="stable"), np.cumsum(counts)[:-1]) if counts.size else []
+        self._rows: Mapping[str, NDArray[np.intp]] = MappingProxyType(
+            {p.person_id: rows for p, rows in zip(gallery.people, pieces, strict=True)}
+        )
         self._stage = stage
         self._build_seconds = build_seconds
 
@@ -267,6 +272,28 @@ class GalleryIndex:
             person_ids[valid] = self._person_ids[labels]  # label -1 (padding) -> None
             distances[valid] = dist
         return Matches(person_ids, distances, self.people)
+
+    def distances_to(self, embeddings: ArrayLike, person_ids: Sequence[str | None]) -> NDArray[np.float64]:
+        """Exact distances (n, len(person_ids)) of each probe to each named identity's nearest template, whether or
+        not a top-k search would list it (float64 differences, as `search` re-ranks); inf for an id the gallery does
+        not hold (or None) and for a non-finite probe."""
+        probes = np.asarray(embeddings, dtype=np.float64)
+        if probes.ndim == 1:
+            probes = probes[None, :]
+        if probes.ndim != 2 or probes.shape[1] != self.dim:
+            raise GalleryIndexError(f"probes must be (n, {self.dim}), got shape {probes.shape}")
+        out = np.full((probes.shape[0], len(person_ids)), np.inf)
+        valid = np.flatnonzero(np.isfinite(probes).all(axis=1))
+        if valid.size == 0:
+            return out
+        q = probes[valid]
+        for j, person_id in enumerate(person_ids):
+            rows = self._rows.get(person_id) if person_id is not None else None
+            if rows is None or rows.size == 0:
+                continue
+            diff = self._vectors[rows].astype(np.float64)[None, :, :] - q[:, None, :]
+            out[valid, j] = np.linalg.norm(diff, axis=2).min(axis=1)
+        return out
 
     def _candidates(self, q: NDArray[np.float32], count: int) -> NDArray[np.intp]:
         if self._stage is not None:

@@ -11,12 +11,14 @@ confirmed track:
    the pose (yaw, pitch from the landmarks, `models.face.quality.face_figures`). A rejected face costs no encode and
    does not count as a sample (the next frame may be better). Each accepted sample gets a quality weight in
    (0, 1]: detector score x size factor x sharpness factor x pose factor.
-2. **Vote** (`vote`). Each sample's k nearest gallery identities (exact distances from `GalleryIndex.search`)
-   are combined: every sample gives its weight to its nearest identity, and the identity with the most weight wins.
-   Its distance is the *weighted mean* of the samples' distances to it (not the best one: a stranger's samples
+2. **Vote** (`vote`). Each sample's k nearest gallery identities (`GalleryIndex.search`) are its ballot and name
+   the candidates: every sample gives its weight to its nearest identity, and the identity with the most weight
+   wins. Its distance is the *weighted mean* of the samples' distances to it (not the best one: a stranger's samples
    scatter, and taking the minimum over five noisy draws is how strangers get matched). The runner-up is the other
-   identity with the smallest weighted mean distance (a sample whose top-k list lacks an identity contributes the
-   list's largest distance, a lower bound, which under-states the margin: the error is towards "unknown").
+   candidate with the smallest weighted mean distance. The means are taken over *exact* distances of every sample
+   to every candidate's templates (`GalleryIndex.distances_to`), also where a sample's top-k list lacks that
+   identity: filling the gap with the list's largest distance would under-state the winner's distance, so a track
+   could be accepted on distances it never had.
    Then the configured `models.decision.rules.DecisionRule` (distance, ratio or margin, with its threshold and cap)
    judges (d1, d2) exactly as it judges a single probe, and the winner must also hold at least `min_vote_share` of
    the weight. Otherwise the track is unknown; `distance` / `margin` still report d1 and d2 - d1 for the logs.
@@ -45,9 +47,10 @@ import enum
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from types import MappingProxyType
 
 import numpy as np
@@ -235,6 +238,10 @@ class RecognizerStats:
     pending: int  # live tracks not decided yet
 
 
+# identities (c,) -> exact distances (n, c) of every sample to each identity's nearest template
+ExactDistances = Callable[[Sequence[str]], np.ndarray]
+
+
 def vote(
     person_ids: ArrayLike,
     distances: ArrayLike,
@@ -242,9 +249,14 @@ def vote(
     rule: DecisionRule,
     *,
     min_vote_share: float = 0.5,
+    exact: ExactDistances | None = None,
 ) -> Vote:
     """Quality-weighted vote over samples: `person_ids` (n, k) (None = padding), `distances` (n, k) ascending per row
-    (inf = padding), `weights` (n,) > 0. See the module docstring."""
+    (inf = padding), `weights` (n,) > 0. See the module docstring.
+
+    `exact(identities)` gives every sample's exact distance to each candidate identity (the recognizer passes
+    `GalleryIndex.distances_to`); the means are taken over those. Without it the lists must be a complete table: a
+    sample whose list lacks a candidate some other list names is a RecognitionError, never a guessed distance."""
     dist = np.asarray(distances, dtype=np.float64)
     ids = np.asarray(person_ids, dtype=object)
     w = np.asarray(weights, dtype=np.float64)
@@ -262,13 +274,27 @@ def vote(
     identities = sorted({str(p) for p in ids[finite]})
     column = {p: j for j, p in enumerate(identities)}
     n = dist.shape[0]
-    # per sample and identity: the listed distance, else the row's largest listed one (a lower bound)
-    table = np.repeat(np.where(finite, dist, -np.inf).max(axis=1)[:, None], len(identities), axis=1)
     votes = np.zeros(len(identities))
     for i in range(n):
-        for j in np.flatnonzero(finite[i]):
-            table[i, column[str(ids[i, j])]] = dist[i, j]
         votes[column[str(ids[i, 0])]] += w[i]
+    if exact is not None:
+        table = np.asarray(exact(identities), dtype=np.float64)
+        if table.shape != (valid.size, len(identities)):
+            raise RecognitionError(
+                f"vote: exact distances must be ({valid.size}, {len(identities)}), got {table.shape}"
+            )
+        table = table[valid]
+    else:
+        table = np.full((n, len(identities)), np.nan)
+        for i in range(n):
+            for j in np.flatnonzero(finite[i]):
+                table[i, column[str(ids[i, j])]] = dist[i, j]
+        gaps = np.argwhere(np.isnan(table))
+        if gaps.size:
+            i, j = gaps[0]
+            raise RecognitionError(
+                f"vote: sample {i}'s list lacks candidate {identities[j]!r}; pass exact distances to vote on it"
+            )
     mean = (w[:, None] * table).sum(axis=0) / w.sum()
     # most weight wins; equal weight: the smaller mean distance, then the id (deterministic)
     winner = min(range(len(identities)), key=lambda j: (-votes[j], mean[j], identities[j]))
@@ -496,7 +522,7 @@ class Recognizer:
             if trigger is None and state.fresh and len(state.samples) >= self.config.min_samples:
                 state.fresh = False
                 self._refresh(state.samples, index)
-                if self._vote(state.samples).reason is DecisionReason.ACCEPTED:
+                if self._vote(state.samples, index).reason is DecisionReason.ACCEPTED:
                     trigger = Trigger.EVIDENCE
             if trigger is None and state.samples and ts - state.first_seen >= self.config.unknown_after_s:
                 trigger = Trigger.TIMEOUT  # (a track without a usable sample yet keeps waiting for one)
@@ -528,13 +554,16 @@ class Recognizer:
         return sum(1 for s in self._tracks.values() if not s.decided)
 
     # --- internals ------------------------------------------------------------------------------------------------
-    def _vote(self, samples: Sequence[_Sample]) -> Vote:
+    def _vote(self, samples: Sequence[_Sample], index: GalleryIndex | None) -> Vote:
+        """The vote over samples brought to `index` (see `_refresh`), on exact distances to its candidates."""
+        exact = None if index is None else partial(index.distances_to, np.stack([s.embedding for s in samples]))
         return vote(
             np.stack([s.person_ids for s in samples]),
             np.stack([s.distances for s in samples]),
             np.array([s.weight for s in samples]),
             self.rule,
             min_vote_share=self.config.min_vote_share,
+            exact=exact,
         )
 
     def _refresh(self, samples: list[_Sample], index: GalleryIndex | None) -> int:
@@ -570,7 +599,7 @@ class Recognizer:
             log.debug("camera %s track %d: ended without a usable face, no decision", self.camera, track_id)
             return None
         version = self._refresh(samples, index)
-        v = self._vote(samples)
+        v = self._vote(samples, index)
         rule = self.rule
         name = index.labels.get(v.person_id) if index is not None and v.person_id is not None else None
         decision = TrackDecision(

@@ -382,6 +382,8 @@ def _peer_available() -> bool:
 def cmd_eval(args: argparse.Namespace) -> int:
     import time
 
+    if args.gallery_size is not None:
+        return cmd_eval_gallery(args)
     from models.evaluation.embed import embed_ours, embed_peer
     from models.evaluation.scoring import (
         build_protocol,
@@ -423,6 +425,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.roc:
         plot_roc(reports, args.roc)
         print(f"ROC / DIR plot: {args.roc}")
+    return EXIT_OK
+
+
+def cmd_eval_gallery(args: argparse.Namespace) -> int:
+    """`eval --gallery-size N`: open-set identification at that gallery size (models/evaluation/openset.py)."""
+    import json as json_module
+
+    from models.cache import atomic_write_bytes
+    from models.evaluation.embed import PEER_SYSTEM
+    from models.evaluation.openset import OpenSetSpec, draw_split, run_openset
+    from models.training.calibration import read_decision
+    from models.training.dataset import embed_dataset, embed_dataset_peer, scan_dataset
+
+    root = Path(args.dataset)
+    if not root.is_dir():
+        raise ImageError(f"{root}: not a folder (expected one sub-folder of images per identity)")
+    if args.seeds < 1:
+        raise ModelError(f"--seeds: need at least 1, got {args.seeds}")
+    spec = OpenSetSpec(
+        gallery_size=args.gallery_size,
+        photos_per_person=args.photos_per_person,
+        strangers=args.strangers,
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        calibration_share=args.calibration_share,
+        calibration_gallery=args.calibration_gallery,
+    )
+    given = [read_decision(d) for d in args.decision or ()]
+    configured = [("--decision" if len(given) == 1 else f"--decision {i + 1}", r) for i, r in enumerate(given)]
+    ids = scan_dataset(root)
+    for seed in spec.seeds:  # an impossible split is refused before minutes of embedding
+        draw_split(ids, spec, seed)
+    images = sum(len(v) for v in ids.values())
+    cache = Path(args.cache) if args.cache else None
+    pipe = pipeline_from_args(args)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"eval: {msg}", file=sys.stderr, flush=True))
+    say(f"{len(ids)} people, {images} images; embeddings cached under {cache or 'the faceattend cache'}")
+    ours = embed_dataset(root, pipe, progress=progress_bar(images, "faceattend", not args.quiet), cache_root=cache)
+    systems = {"faceattend": ours.as_mapping()}
+    if args.peer != "off" and (args.peer == "on" or _peer_available()):
+        peer = embed_dataset_peer(root, progress=progress_bar(images, PEER_SYSTEM, not args.quiet), cache_root=cache)
+        systems[PEER_SYSTEM] = peer.as_mapping()
+    from models.face.encoders import encoder_spec
+
+    shipped = encoder_spec(args.encoder).default_decision
+    report = run_openset(ids, systems, spec, dataset=str(root), shipped=shipped, configured=configured, progress=say)
+    print(report.format())
+    if args.json:
+        meta = {"fingerprint": pipe.fingerprint, **report.to_dict(curves=True)}
+        atomic_write_bytes(Path(args.json), (json_module.dumps(meta, indent=1) + "\n").encode("utf-8"))
+        print(f"summary: {args.json}")
+    if args.roc:
+        report.plot(args.roc)
+        print(f"DIR vs FPIR per rule: {args.roc}")
     return EXIT_OK
 
 
@@ -560,6 +615,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", default="eval-roc.png", help="ROC / DIR plot (PNG; default eval-roc.png)")
     p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition side by side")
     p.add_argument("--peer-cache", help="reuse / store the peer's embeddings in this .npz")
+    g = p.add_argument_group(
+        "open-set identification at a chosen gallery size (instead of the reference protocol)",
+        "enrolled people drawn per seed from those with enough photos, one mate each; strangers are people not "
+        "enrolled, split by identity into a calibration share (thresholds are chosen there) and a test share "
+        "(DIR and FPIR are measured there); every rule, calibrated and at its configured threshold",
+    )
+    g.add_argument("--gallery-size", type=int, help="people enrolled (drawn from those with K+1 or more photos)")
+    g.add_argument("--photos-per-person", type=int, default=1, help="K templates per person (1: one-shot)")
+    g.add_argument("--strangers", type=int, help="people not enrolled presented, one photo each (default: all)")
+    g.add_argument("--seeds", type=int, default=1, help="repeat over this many seeds: mean and spread (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    g.add_argument("--calibration-share", type=float, default=0.5, help="strangers kept for calibration (0.5)")
+    g.add_argument(
+        "--calibration-gallery",
+        choices=("same", "disjoint"),
+        default="same",
+        help="calibrate against the gallery under test (a site's own) or another as large (needs 2N people)",
+    )
+    g.add_argument(
+        "--decision",
+        action="append",
+        help="also report this configured rule: a YAML file with a `decision` section (edge.yaml, calibrate's "
+        "output) or inline YAML such as '{rule: margin, threshold: 0.05, max_distance: 0.55}' (repeatable)",
+    )
+    g.add_argument("--cache", help="embedding cache folder (default: the faceattend cache)")
     add_pipeline_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 CHUNK = 8
+PEER_SYSTEM = "face_recognition"  # the peer measured beside us, by its package name
 
 
 def central_face(faces: Sequence[FaceEmbedding], height: int, width: int) -> FaceEmbedding | None:

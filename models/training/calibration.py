@@ -334,3 +334,24 @@ def load_decision_fragment(path: str | Path) -> DecisionRule:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the decision fragment ({exc})") from exc
     return parse_decision_fragment(text)
+
+
+def read_decision(value: str) -> DecisionRule:
+    """A rule from the command line: a YAML file with a ``decision`` section (a config, ``calibrate``'s fragment), or
+    inline YAML, either that section or the mapping itself (``{rule: margin, threshold: 0.05}``)."""
+    import yaml
+
+    path = Path(value)
+    if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
+        return load_decision_fragment(path)
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"decision {value!r}: neither a file nor valid YAML ({exc})") from exc
+    if isinstance(data, dict) and DECISION_SECTION in data:
+        data = data[DECISION_SECTION]
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"decision {value!r}: expected a file or a mapping such as '{{rule: margin, threshold: 0.05}}'"
+        )
+    return DecisionRule.from_dict(data)

@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.cache import atomic_write_bytes, cache_dir
-from models.errors import DatasetError, ImageError
+from models.errors import DatasetError, ImageError, ModelError
 from models.evaluation.scoring import (
     Protocol,
     build_protocol,
@@ -137,15 +137,31 @@ def require_identities(counts: Mapping[str, int], minimum: int, what: str) -> No
         )
 
 
-def _cache_key(root: Path, ids: Mapping[str, list[str]], pipeline: FacePipeline) -> str:
+def _cache_path(
+    root: Path, ids: Mapping[str, list[str]], system: Mapping[str, object], cache_root: Path | None
+) -> Path:
+    """Where the embeddings of every image of `ids` by `system` (what makes them what they are) are cached."""
     files = [[rel, sha256_bytes((root / rel).read_bytes())] for v in ids.values() for rel in v]
-    desc = {
-        "version": _CACHE_VERSION,
-        "fingerprint": pipeline.fingerprint,
-        "detector": asdict(pipeline.detector.config),
-        "files": files,
-    }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    desc = {"version": _CACHE_VERSION, **system, "files": files}
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    return (cache_root or cache_dir()) / "embeddings" / f"{key[:32]}.npz"
+
+
+def _from_cache(
+    path: Path | None,
+    base: Path,
+    images: Sequence[str],
+    embed: Callable[[Sequence[str]], dict[str, np.ndarray | None]],
+    progress: Callable[[int], None] | None,
+) -> tuple[dict[str, np.ndarray | None], bool]:
+    """The cached rows when they cover exactly `images`, else `embed(images)`; and whether they are fresh."""
+    rows = _load_cached(path) if path is not None else None
+    if rows is not None and set(rows) == set(images):
+        log.info("embeddings of %s from the cache %s", base, path)
+        if progress:
+            progress(len(images))
+        return rows, False
+    return embed(images), True
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray | None] | None:
@@ -171,24 +187,67 @@ def embed_dataset(
     *,
     progress: Callable[[int], None] | None = None,
     use_cache: bool = True,
+    cache_root: Path | None = None,
 ) -> LabelledEmbeddings:
-    """Every image of a folder-per-identity dataset through ``pipeline`` (cached, see the module docstring)."""
+    """Every image of a folder-per-identity dataset through ``pipeline`` (cached, see the module docstring, under
+    ``cache_root``/embeddings, by default the faceattend cache)."""
     from models.evaluation.embed import embed_ours
-    from models.imageio import load_image
 
     base = Path(root)
     ids = scan_dataset(base)
+    system = {"fingerprint": pipeline.fingerprint, "detector": asdict(pipeline.detector.config)}
+    cache = _cache_path(base, ids, system, cache_root) if use_cache else None
     images = [rel for v in ids.values() for rel in v]
-    cache = cache_dir() / "embeddings" / f"{_cache_key(base, ids, pipeline)[:32]}.npz" if use_cache else None
-    rows = _load_cached(cache) if cache is not None else None
-    if rows is None or set(rows) != set(images):
-        rows = embed_ours(base, images, pipeline, progress)
-        fresh = True
-    else:
-        log.info("embeddings of %s from the cache %s", base, cache)
-        if progress:
-            progress(len(images))
-        fresh = False
+    rows, fresh = _from_cache(cache, base, images, lambda todo: embed_ours(base, todo, pipeline, progress), progress)
+    return _labelled(base, ids, rows, pipeline.fingerprint, cache if fresh else None)
+
+
+def embed_dataset_peer(
+    root: str | os.PathLike[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+    use_cache: bool = True,
+    cache_root: Path | None = None,
+) -> LabelledEmbeddings:
+    """The same for the ``face_recognition`` peer (``models.evaluation.embed.embed_peer``: dlib's HOG detector and
+    encoder), cached beside ours under the peer's and dlib's versions."""
+    import importlib.metadata
+
+    from models.evaluation.embed import PEER_SYSTEM, embed_peer
+
+    base = Path(root)
+    ids = scan_dataset(base)
+    versions = {}
+    for key, names in (
+        ("face_recognition", ("face_recognition",)),
+        ("face_recognition_models", ("face_recognition_models",)),
+        ("dlib", ("dlib-bin", "dlib")),
+    ):
+        for name in names:
+            try:
+                versions[key] = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            raise ModelError(f"the peer needs {names[0]}: pip install --no-deps face_recognition==1.3.0 (and dlib-bin)")
+    cache = _cache_path(base, ids, {"system": PEER_SYSTEM, **versions}, cache_root) if use_cache else None
+    images = [rel for v in ids.values() for rel in v]
+    rows, fresh = _from_cache(cache, base, images, lambda todo: embed_peer(base, todo, progress), progress)
+    return _labelled(base, ids, rows, f"{PEER_SYSTEM}-{versions['face_recognition']}", cache if fresh else None)
+
+
+def _labelled(
+    base: Path,
+    ids: Mapping[str, list[str]],
+    rows: dict[str, np.ndarray | None],
+    fingerprint: str,
+    save_to: Path | None,
+) -> LabelledEmbeddings:
+    """Rows -> LabelledEmbeddings (images without a face in ``missing``), saved to the cache when fresh."""
+    from models.imageio import load_image
+
+    images = [rel for v in ids.values() for rel in v]
     missing = [rel for rel in images if rows[rel] is None]
     for rel in missing:  # embed_ours logs and skips unreadable files; for a training set that is an error
         try:
@@ -197,8 +256,8 @@ def embed_dataset(
             raise DatasetError(f"corrupt image in the dataset: {exc}") from exc
     if missing:
         log.warning("%d of %d images have no face and are left out, e.g. %s", len(missing), len(images), missing[0])
-    if fresh and cache is not None:
-        _save_cached(cache, rows)
+    if save_to is not None:
+        _save_cached(save_to, rows)
     present = [rel for rel in images if rows[rel] is not None]
     if not present:
         raise DatasetError(f"{base}: no face found in any of its {len(images)} images")
@@ -207,7 +266,7 @@ def embed_dataset(
         images=tuple(present),
         labels=tuple(_identity_of(rel) for rel in present),
         vectors=vectors,
-        fingerprint=pipeline.fingerprint,
+        fingerprint=fingerprint,
         missing=tuple(missing),
     )
 

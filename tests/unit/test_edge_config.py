@@ -61,6 +61,8 @@ def test_minimal_config_takes_the_defaults_and_resolves_paths_beside_the_file(si
     assert cfg.decision is None and cfg.rule == DEFAULT_RULE  # no decision section: the encoder's default
     assert (cfg.models.encoder, cfg.models.alignment, cfg.models.accept_licence) == ("dlib-resnet-v1", "dlib5", "")
     assert cfg.models.backend == "onnxruntime" and not cfg.metrics.enabled and not cfg.style.enabled
+    assert cfg.worker.clock == "capture"  # live cameras: tracks in real time
+    assert config_from_dict(minimal() | {"worker": {"clock": "media"}}, site).worker.clock == "media"
     check_files(cfg)
 
 
@@ -122,6 +124,8 @@ def test_absolute_paths_and_network_sources_are_kept(site: Path, tmp_path: Path)
             },
             r"decision\.max_distance: 0\.6 is dlib's cap; .*mobilefacenet-192.*same-person distance is 1\.12",
         ),
+        ({"worker": {"clock": "moon"}}, r"worker\.clock: expected one of"),
+        ({"worker": {"frame_timeout_s": 0}}, r"worker\.frame_timeout_s: must be a finite number > 0"),
     ],
 )
 def test_bad_values_name_the_key(site: Path, change: dict, message: str) -> None:

@@ -118,6 +118,28 @@ def test_templates_collapse_to_identities_nearest_first():
     assert one.accepted and one.margin == pytest.approx(0.2, rel=1e-6)
 
 
+def test_distances_to_named_identities_are_exact_whether_listed_or_not(synthetic_10k):
+    """The vote's exact distances (issue 13): to each named person's nearest template, also a person far outside any
+    top-k list; inf for an id the gallery lacks and for a failed encoding; the same on the hnswlib path."""
+    gallery, centres = synthetic_10k
+    probes = probes_near(centres, 6, seed=9)
+    probes[5] = np.nan
+    names = ["p00007", "p01999", "nobody", "p00000"]
+    ids = np.array([p.person_id for p in gallery.people], dtype=object)[gallery.labels]
+    brute = pairwise_distances(probes[:5], gallery.embeddings)
+    expected = np.stack([brute[:, ids == n].min(axis=1) if n in ids else np.full(5, np.inf) for n in names], axis=1)
+    for index in (GalleryIndex.build(gallery), GalleryIndex.build(gallery, IndexParams(exact_max_templates=0))):
+        got = index.distances_to(probes, names)
+        assert got.shape == (6, 4) and np.isinf(got[5]).all() and np.isinf(got[:5, 2]).all()
+        np.testing.assert_allclose(got[:5], expected, rtol=1e-12)
+        listed = index.search(probes[:5], k=2)  # where search lists a person, both give the same distance
+        for i in range(5):
+            for person, d in zip(listed.person_ids[i], listed.distances[i], strict=True):
+                assert index.distances_to(probes[i], [person])[0, 0] == pytest.approx(d, rel=1e-12)
+    with pytest.raises(GalleryIndexError, match=r"\(n, 128\)"):
+        GalleryIndex.build(gallery).distances_to(np.zeros((1, 64)), names)
+
+
 def test_k1_on_a_larger_gallery_errs_towards_unknown():
     emb = np.eye(3, DIM, dtype=np.float32)
     index = GalleryIndex.build(make_gallery(emb, np.arange(3), 3))

@@ -142,8 +142,8 @@ def test_vote_weight_decides_between_identities() -> None:
 
 
 def test_vote_split_between_identities_is_unknown_even_within_the_threshold() -> None:
-    ids = [["a", "b"], ["b", "a"], ["c", "a"], ["a", "c"]]
-    dist = [[0.40, 0.45], [0.40, 0.45], [0.40, 0.45], [0.40, 0.46]]
+    ids = [["a", "b", "c"], ["b", "a", "c"], ["c", "a", "b"], ["a", "c", "b"]]
+    dist = [[0.40, 0.45, 0.5], [0.40, 0.45, 0.5], [0.40, 0.45, 0.5], [0.40, 0.46, 0.5]]
     v = vote(ids, dist, [1.0, 1.0, 1.0, 1.0], RULE, min_vote_share=0.6)
     assert v.candidate == "a" and v.share == 0.5
     assert v.reason is DecisionReason.SPLIT_VOTE and v.person_id is None
@@ -159,10 +159,17 @@ def test_vote_uses_the_mean_not_the_best_sample_against_strangers() -> None:
     assert v.distance == pytest.approx(0.6)
 
 
-def test_vote_fills_missing_identities_with_the_rows_largest_distance() -> None:
-    # b is not in the second sample's top-2: it counts with 0.7 there (a lower bound of its true distance)
-    v = vote([["a", "b"], ["a", "c"]], [[0.3, 0.8], [0.3, 0.7]], [1.0, 1.0], RULE)
-    assert v.second_distance == pytest.approx(0.75)  # b: (0.8 + 0.7) / 2 = 0.75, c: (0.8 + 0.7) / 2 = 0.75
+def test_vote_takes_exact_distances_for_identities_a_list_lacks() -> None:
+    # b is not in the second sample's top-2, c not in the first's: their exact distances there count (b 0.95, c 0.9),
+    # not the list's largest one (0.7, 0.8), which would be a guess below the truth
+    table = {"a": [0.3, 0.35], "b": [0.8, 0.95], "c": [0.9, 0.7]}
+    ids, dist = [["a", "b"], ["a", "c"]], [[0.3, 0.8], [0.35, 0.7]]
+    v = vote(ids, dist, [1.0, 1.0], RULE, exact=lambda names: np.array([table[p] for p in names]).T)
+    assert v.person_id == "a" and v.distance == pytest.approx(0.325)
+    assert v.second_distance == pytest.approx(0.8)  # c: (0.9 + 0.7) / 2 = 0.8 beats b: (0.8 + 0.95) / 2 = 0.875
+    # without exact distances an incomplete table is refused, never filled with a guess
+    with pytest.raises(RecognitionError, match="sample 0's list lacks candidate 'c'"):
+        vote(ids, dist, [1.0, 1.0], RULE)
 
 
 def test_vote_without_neighbours_and_with_a_single_identity() -> None:
@@ -226,6 +233,36 @@ def test_an_enrolled_person_is_decided_early_once_and_then_only_followed() -> No
     # the track went on for 24 more frames without another sample or decision; its end adds nothing
     assert r.end(index) == []
     assert r.recognizer.stats().decisions_known == 1 and r.recognizer.pending == 0
+
+
+def test_a_winner_missing_from_a_samples_top_k_counts_at_its_exact_distance() -> None:
+    """Issue 13: two samples 0.35 from Alice, a third whose two nearest identities are Carl and Dan (Alice is 1.0
+    away). Counting Alice there at that list's largest distance (0.62) made the track's mean 0.44 and accepted it
+    under the 0.55 cap on distances it never had; her exact distance makes it (0.35 + 0.35 + 1.0) / 3 = 0.567."""
+    e = np.eye(DIM)
+    alice = 0.5 * e[10]
+    s1, s2, s3 = alice + 0.35 * e[1], alice + 0.35 * e[2], alice + 1.0 * e[3]
+    people = {"alice": alice, "bob": alice + 2.0 * e[6], "carl": s3 + 0.6 * e[4], "dan": s3 + 0.62 * e[5]}
+    gallery = Gallery(
+        "hq",
+        1,
+        FP,
+        "euclidean",
+        "float32",
+        np.stack(list(people.values())).astype(np.float32),
+        np.arange(len(people), dtype=np.int32),
+        tuple(GalleryPerson(p, p.title()) for p in people),
+    )
+    index = GalleryIndex.build(gallery)
+    assert list(index.search(s3.astype(np.float32), k=2).person_ids[0]) == ["carl", "dan"]  # no alice in its list
+    r = run(RecognitionConfig(k=2, min_samples=3, max_encodes=3, min_encode_interval_s=0.0))
+    decisions = []
+    for emb in (s1, s1, s2, s3):  # the first frame is tentative (not sampled)
+        decisions += r.frame([(det(100), emb.astype(np.float32), 0.9)], index)[2]
+    (d,) = decisions
+    assert d.candidate == "alice" and d.samples == 3 and d.vote_share == pytest.approx(2 / 3)
+    assert d.distance == pytest.approx((0.35 + 0.35 + 1.0) / 3, abs=1e-5)
+    assert d.person_id is None and d.reason is DecisionReason.REJECTED  # over DEFAULT_RULE's 0.55 cap
 
 
 def test_a_stranger_is_unknown_after_max_encodes_with_distance_and_margin_reported() -> None:
