@@ -39,8 +39,8 @@ import numpy as np
 
 from edge_agent.devtools.door_score import TABLE_HEAD, DoorScore, Verdict, Walk, score_door
 from models.decision.rules import DecisionRule
-from models.face.encoders import DLIB_RESNET
 from models.errors import ConfigError
+from models.face.encoders import DLIB_RESNET
 
 log = logging.getLogger(__name__)
 

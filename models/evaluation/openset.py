@@ -15,7 +15,8 @@ Per seed (`draw_split`, everything drawn from the seed alone, so every system is
   people enrolled the same way (a default shipped to sites whose people it never saw; needs twice the people).
 - Also reported: the *in-sample* figure (the threshold chosen on the test strangers themselves, the optimistic
   figure a calibration on the tested data reads), and the figure at each rule's *configured* threshold (what a
-  default gives, with no calibration at all), including the shipped default (the encoder's `default_decision`, models/face/encoders.py).
+  default gives, with no calibration at all), including the shipped default (the encoder's `default_decision`,
+  models/face/encoders.py).
 
 Rules: distance, and ratio and margin each uncapped and under every cap in use (dlib's 0.6, the shipped default's,
 and those of the configured rules given). A missing face stays in every denominator: a mate without a face is

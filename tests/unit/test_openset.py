@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from models.decision.rules import DecisionRule
-from models.face.encoders import DLIB_RESNET
 from models.errors import EvaluationError
 from models.evaluation.openset import (
     OpenSetSpec,
@@ -20,6 +19,7 @@ from models.evaluation.openset import (
     rule_variants,
     run_openset,
 )
+from models.face.encoders import DLIB_RESNET
 
 DIM = 128
 
