@@ -128,7 +128,9 @@ def test_distances_to_named_identities_are_exact_whether_listed_or_not(synthetic
     ids = np.array([p.person_id for p in gallery.people], dtype=object)[gallery.labels]
     brute = pairwise_distances(probes[:5], gallery.embeddings)
     expected = np.stack([brute[:, ids == n].min(axis=1) if n in ids else np.full(5, np.inf) for n in names], axis=1)
-    for index in (GalleryIndex.build(gallery), GalleryIndex.build(gallery, IndexParams(exact_max_templates=0))):
+    exact = GalleryIndex.build(gallery)
+    staged = exact.with_stage(HnswStage.build(exact.vectors, IndexParams()), 0.0)
+    for index in (exact, staged):
         got = index.distances_to(probes, names)
         assert got.shape == (6, 4) and np.isinf(got[5]).all() and np.isinf(got[:5, 2]).all()
         np.testing.assert_allclose(got[:5], expected, rtol=1e-12)

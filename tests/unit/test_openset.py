@@ -165,7 +165,7 @@ def test_run_over_seeds_reports_mean_and_spread_for_every_system() -> None:
     ids = dataset()
     emb = synthetic_embeddings(ids)
     spec = OpenSetSpec(gallery_size=10, seeds=(0, 1, 2))
-    report = run_openset(ids, {"a": emb, "b": emb}, spec, dataset="synthetic")
+    report = run_openset(ids, {"a": emb, "b": emb}, spec, dataset="synthetic", shipped=SHIPPED)
     assert report.systems == ["a", "b"] and len(report.results) == 6 and len(report.splits) == 3
     summary = report.summary("a")
     assert summary["rank1"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}
