@@ -30,7 +30,7 @@ from edge_agent.recognition.worker import WorkerConfig
 from edge_agent.style.worker import StyleConfig
 from models.config import load_dataclass, load_yaml
 from models.contract import limits, topics
-from models.decision.rules import DEFAULT_MAX_DISTANCE, DecisionRule
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, FaceAttendError
 from models.face.encoders import encoder_spec
 from models.face.pipeline import PipelineConfig
@@ -149,19 +149,6 @@ class EdgeConfig:
             raise ConfigError(f"cameras: camera names must be unique, {duplicates[0]!r} is used more than once")
         if self.models.backend not in BACKENDS:
             raise ConfigError(f"models.backend: expected one of {', '.join(BACKENDS)}, got {self.models.backend!r}")
-        spec = encoder_spec(self.models.encoder)
-        d = self.decision
-        if (
-            d is not None
-            and d.rule != "distance"
-            and d.max_distance == DEFAULT_MAX_DISTANCE != spec.same_person_distance
-        ):
-            # a ratio / margin rule written without a cap gets dlib's 0.6, meaningless in another encoder's space
-            raise ConfigError(
-                f"decision.max_distance: {DEFAULT_MAX_DISTANCE} is dlib's cap; distances of encoder {spec.name} are on "
-                f"another scale: write the cap calibrated for it (its same-person distance is "
-                f"{spec.same_person_distance})"
-            )
 
     @property
     def rule(self) -> DecisionRule:

@@ -82,6 +82,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
         return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if dataclasses.is_dataclass(tp):
+        parse = getattr(tp, "from_dict", None)
+        if parse is not None:  # a type with its own strict parser (a decision rule) is built by it
+            try:
+                return parse(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
         return load_dataclass(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):

@@ -318,7 +318,8 @@ class DecisionRule:
         """Strict parse of ``{"rule": ..., "threshold": ..., "max_distance": ...}``.
 
         ``rule`` and ``threshold`` are required (a threshold is a calibrated figure, so a config never gets a
-        silent default); ``max_distance`` only for ratio / margin, default 0.6. Unknown keys raise ``ConfigError``.
+        silent default), and so is ``max_distance`` for ratio / margin (never allowed for distance). Unknown keys
+        raise ``ConfigError``.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"decision rule: expected a mapping, got {type(data).__name__}")
@@ -335,13 +336,17 @@ class DecisionRule:
         if "threshold" not in data:
             raise ConfigError(f"decision rule: missing key 'threshold' for the {name} rule (calibrate one)")
         threshold = data["threshold"]
-        if "max_distance" in data:
-            if name == "distance":
+        if name == "distance":
+            if "max_distance" in data:
                 raise ConfigError("decision rule: max_distance applies to the ratio and margin rules only")
-            return cls(
-                cast(RuleName, name), threshold, _check_number("max_distance", data["max_distance"], allow_inf=True)
+            return cls("distance", threshold)
+        if "max_distance" not in data:
+            # the cap is a distance in one encoder's space: a silent default would be wrong for every other encoder
+            raise ConfigError(
+                f"decision rule: missing key 'max_distance' for the {name} rule (the distance cap calibrated for the "
+                "encoder; `.inf` for none)"
             )
-        return cls(cast(RuleName, name), threshold)
+        return cls(cast(RuleName, name), threshold, _check_number("max_distance", data["max_distance"], allow_inf=True))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "threshold": self.threshold}

@@ -59,6 +59,10 @@ class FaceEncoder:
             part = chips[start : start + self._max_batch]
             batch = np.ascontiguousarray(part.transpose(0, 3, 1, 2), dtype=np.float32)
             out[start : start + len(part)] = self._backend.run(batch)[0]
+            if self.spec.flip_average:
+                mirrored = np.ascontiguousarray(batch[..., ::-1])  # NCHW: the last axis is the chip's width
+                out[start : start + len(part)] += self._backend.run(mirrored)[0]
+                out[start : start + len(part)] *= 0.5
         if self.spec.normalisation == "l2":
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             # a zero vector stays zero (never NaN): it is far from every unit template, so it is never accepted

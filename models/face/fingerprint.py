@@ -2,8 +2,8 @@
 
 It hashes everything that changes the embedding space: the weights (sha256), the input preprocessing, the
 alignment (method and its parameters: template, or shape-predictor weights and rect model, chip size and
-padding), the embedding dimension, its normalisation and the distance metric. The inference backend is
-deliberately not part of it: TensorRT and ONNX Runtime produce the same space.
+padding), test-time flip averaging, the embedding dimension, its normalisation and the distance metric. The
+inference backend is deliberately not part of it: TensorRT and ONNX Runtime produce the same space.
 A gallery carries the fingerprint of the encoder that built it; an edge refuses a gallery whose fingerprint
 differs from its own encoder's.
 """
@@ -66,5 +66,7 @@ def encoder_fingerprint(
         "normalisation": spec.normalisation,
         "metric": spec.metric,
     }
+    if spec.flip_average:  # absent otherwise, so that the fingerprints of encoders without it stay as they were
+        fields["test_time"] = "hflip-mean"
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return EncoderFingerprint(f"{spec.manifest.name}-{hashlib.sha256(canonical).hexdigest()[:16]}", fields)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from models.decision.rules import (
-    DEFAULT_MAX_DISTANCE,
     Decision,
     DecisionRule,
     Neighbours,
@@ -187,7 +186,6 @@ def test_from_dict_valid() -> None:
     assert DecisionRule.from_dict({"rule": "distance", "threshold": 0.5}) == DecisionRule("distance", 0.5)
     r = DecisionRule.from_dict({"rule": "ratio", "threshold": 0.75, "max_distance": 0.7})
     assert (r.rule, r.threshold, r.max_distance) == ("ratio", 0.75, 0.7)
-    assert DecisionRule.from_dict({"rule": "margin", "threshold": 0.1}).max_distance == DEFAULT_MAX_DISTANCE
     assert DecisionRule.from_dict({"rule": "ratio", "threshold": 1, "max_distance": float("inf")}).max_distance == (
         math.inf
     )
@@ -210,6 +208,8 @@ def test_from_dict_valid() -> None:
         ({"rule": "ratio", "threshold": 1.2}, "ratio"),
         ({"rule": "distance", "threshold": 0.6, "max_distance": 0.7}, "max_distance"),
         ({"rule": "margin"}, "threshold"),
+        ({"rule": "ratio", "threshold": 0.8}, "missing key 'max_distance' for the ratio rule"),
+        ({"rule": "margin", "threshold": 0.05}, "missing key 'max_distance' for the margin rule"),
         ({"rule": "margin", "threshold": 0.1, "max_distance": 0}, "max_distance"),
         ({"rule": "margin", "threshold": 0.1, "max_distance": None}, "max_distance"),
     ],

@@ -137,7 +137,7 @@ def test_well_separated_people_are_all_identified_and_no_stranger_accepted() -> 
         if "<=" in p.variant:
             assert p.fpir == 0.0 and p.strangers_accepted == 0, p
     names = [v.name for v in rule_variants([SHIPPED])]
-    assert names == ["distance", "ratio", "ratio<=0.6", "ratio<=0.55", "margin", "margin<=0.6", "margin<=0.55"]
+    assert names == ["distance", "ratio", "ratio<=0.6", "ratio<=0.5", "margin", "margin<=0.6", "margin<=0.5"]
     assert set(r.curves) == set(names)
 
 
@@ -175,5 +175,5 @@ def test_run_over_seeds_reports_mean_and_spread_for_every_system() -> None:
     assert len(data["per_seed"]) == 6 and "curves" in data["per_seed"][0]
     text = report.format()
     assert "rank-1: a 1.000±0.000; b 1.000±0.000" in text
-    assert "shipped default: margin 0.05, cap 0.55" in text and "in-sample" in text
+    assert "shipped default: ratio 0.84, cap 0.5" in text and "in-sample" in text
     assert all(math.isfinite(r.rank1) for r in report.results)

@@ -224,7 +224,7 @@ def test_an_enrolled_person_is_decided_early_once_and_then_only_followed() -> No
     assert d.reason is DecisionReason.ACCEPTED and d.trigger is Trigger.EVIDENCE and d.samples == 3
     assert d.distance == pytest.approx(0.35, abs=1e-5)
     assert d.margin is not None and d.margin > 0.5
-    assert (d.threshold, d.rule, d.gallery_version, d.fingerprint) == (0.55, "margin", 1, FP)
+    assert (d.threshold, d.rule, d.gallery_version, d.fingerprint) == (0.5, "ratio", 1, FP)
     assert d.first_seen_ts == 0.0 and d.decided_ts == pytest.approx(decided_at / 15)
     # the wall time of the first (tentative) frame, one frame before the confirming one
     assert d.first_seen_wall == WALL - timedelta(seconds=1 / 15) and d.decided_wall == WALL
@@ -238,7 +238,7 @@ def test_an_enrolled_person_is_decided_early_once_and_then_only_followed() -> No
 def test_a_winner_missing_from_a_samples_top_k_counts_at_its_exact_distance() -> None:
     """Issue 13: two samples 0.35 from Alice, a third whose two nearest identities are Carl and Dan (Alice is 1.0
     away). Counting Alice there at that list's largest distance (0.62) made the track's mean 0.44 and accepted it
-    under the 0.55 cap on distances it never had; her exact distance makes it (0.35 + 0.35 + 1.0) / 3 = 0.567."""
+    under the 0.5 cap on distances it never had; her exact distance makes it (0.35 + 0.35 + 1.0) / 3 = 0.567."""
     e = np.eye(DIM)
     alice = 0.5 * e[10]
     s1, s2, s3 = alice + 0.35 * e[1], alice + 0.35 * e[2], alice + 1.0 * e[3]
@@ -262,7 +262,7 @@ def test_a_winner_missing_from_a_samples_top_k_counts_at_its_exact_distance() ->
     (d,) = decisions
     assert d.candidate == "alice" and d.samples == 3 and d.vote_share == pytest.approx(2 / 3)
     assert d.distance == pytest.approx((0.35 + 0.35 + 1.0) / 3, abs=1e-5)
-    assert d.person_id is None and d.reason is DecisionReason.REJECTED  # over DEFAULT_RULE's 0.55 cap
+    assert d.person_id is None and d.reason is DecisionReason.REJECTED  # over DEFAULT_RULE's 0.5 cap
 
 
 def test_a_stranger_is_unknown_after_max_encodes_with_distance_and_margin_reported() -> None:
@@ -416,7 +416,7 @@ def test_config_errors_name_the_key(values: dict, message: str) -> None:
 def test_config_loads_strictly() -> None:
     cfg = load_dataclass(RecognitionConfig, {"max_encodes": 4, "pitch_range": [0.2, 1.0]}, "recognition")
     assert cfg.max_encodes == 4 and cfg.pitch_range == (0.2, 1.0)
-    assert DecisionRule.margin(0.05, max_distance=0.55) == DEFAULT_RULE
+    assert DecisionRule.ratio(0.84, max_distance=0.5) == DEFAULT_RULE
     # the rule lives in the config's top-level `decision` section (what `model-tool calibrate` writes), not here
     with pytest.raises(ConfigError, match=r"recognition\.decision: unknown key"):
         load_dataclass(RecognitionConfig, {"decision": {"rule": "ratio", "threshold": 0.75}}, "recognition")

@@ -110,11 +110,13 @@ def test_a_choice_is_checked_for_alignment_and_licence():
 
 def test_fingerprint_is_stable_and_sensitive_to_what_changes_the_space():
     base = encoder_fingerprint()
-    # unchanged by the encoder registry: galleries published before it stay valid
-    assert base.value == "dlib_resnet_v1-bb9335380c8482a6"
+    # flip averaging (issue 13) is part of the space: templates made without it are another encoder's
+    assert base.value == "dlib_resnet_v1-1be3d124021a5e36"
+    unflipped = encoder_fingerprint(dataclasses.replace(DLIB_RESNET, flip_average=False))
+    assert unflipped.value == "dlib_resnet_v1-bb9335380c8482a6" and "test_time" not in unflipped.fields
     assert base == encoder_fingerprint() and base.fields["alignment"]["method"] == "dlib5"
     templated = encoder_fingerprint(alignment="template")
-    assert templated.value == "dlib_resnet_v1-356c037256c733f1"
+    assert templated.value == "dlib_resnet_v1-34c249e2468cdb24"
     template = tuple(map(tuple, templated.fields["alignment"]["template"]))
     shifted = tuple((x + 1.0, y) for x, y in template)
     mobile = encoder_fingerprint(MOBILEFACENET_192)
