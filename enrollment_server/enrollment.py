@@ -228,9 +228,10 @@ class Enroller:
         verdict = q.assess_photo(faces, chips, self.config.quality)
         if not verdict.accepted or verdict.figures is None:
             return PhotoResult(source, False, verdict.reason, verdict.message, verdict.figures), None
-        thumbnail = encode_jpeg(chips[0], THUMBNAIL_QUALITY) if self.config.keep_thumbnails else None
-        return PhotoResult(source, True, None, "ok", verdict.figures), _Candidate(
-            source, data, q.image_sha256(data), faces[0].embedding, verdict.figures, thumbnail
+        face = verdict.face  # the photo's one face, or its dominant one
+        thumbnail = encode_jpeg(chips[face], THUMBNAIL_QUALITY) if self.config.keep_thumbnails else None
+        return PhotoResult(source, True, None, verdict.message, verdict.figures), _Candidate(
+            source, data, q.image_sha256(data), faces[face].embedding, verdict.figures, thumbnail
         )
 
     def _belong_to_person(

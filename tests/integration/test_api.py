@@ -347,7 +347,7 @@ def test_each_rejected_photo_gets_its_specific_reason(sqlite_api: Api, tmp_path:
         "good.jpg (2)",
     ]
     assert by_source["good.jpg"]["accepted"] is True and by_source["good.jpg"]["template_id"] is not None
-    assert by_source["blurred.png"]["reason"] == q.TOO_BLURRED and by_source["blurred.png"]["figures"]["blur"] < 25
+    assert by_source["blurred.png"]["reason"] == q.TOO_BLURRED and by_source["blurred.png"]["figures"]["blur"] < 12
     expected = {
         "empty.jpg": "empty",
         "notes.txt": "not a recognised image format",

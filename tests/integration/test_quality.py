@@ -62,8 +62,30 @@ def test_blurred_small_crowded_and_empty_photos_are_rejected_for_their_reason(pi
     assert v.reason == TOO_SMALL and "between the eyes" in v.message
     pair = np.concatenate([obama, load_image(facesets.photos("Barack_Obama")[1])[:h, :w]], axis=1)
     v = _verdict(pipe, np.ascontiguousarray(pair))
-    assert v.reason == SEVERAL_FACES
+    assert v.reason == SEVERAL_FACES and "the two largest" in v.message
     assert _verdict(pipe, np.full((300, 300, 3), 127, np.uint8)).reason == NO_FACE
+
+
+def test_a_portrait_with_a_small_face_behind_is_taken_for_its_subject(pipe, obama):
+    """Issue 13: a face in the background no longer refuses the photo; the dominant face is the one enrolled, and
+    two faces of similar size still refuse it (which one is meant would be a guess)."""
+    h, w = obama.shape[:2]
+    canvas = np.zeros((h, w + w // 3, 3), np.uint8)
+    canvas[:, :w] = obama
+    other = load_image(facesets.photos(facesets.people()[1])[0])
+    canvas[h // 3 : h // 3 + h // 3, w : w + w // 3] = cv2.resize(other, (w // 3, h // 3), interpolation=cv2.INTER_AREA)
+    faces = pipe.embed(canvas)
+    assert len(faces) == 2
+    v = _verdict(pipe, canvas)
+    assert v.accepted and v.message == "ok: the largest of 2 faces"
+    subject = faces[v.face]
+    assert subject.detection.bbox[0] < w  # the portrait, not the small face
+    alone = pipe.embed(obama)[0].embedding
+    assert float(np.linalg.norm(subject.embedding - alone)) < 0.1
+    strict = assess_photo(
+        faces, pipe.aligner.align(canvas, [f.detection for f in faces]), QualityConfig(dominant_face_ratio=None)
+    )
+    assert strict.reason == SEVERAL_FACES and "or one at least" not in strict.message
 
 
 def test_a_tilted_head_is_not_off_frontal(pipe, obama):
