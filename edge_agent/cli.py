@@ -178,6 +178,7 @@ def cmd_bench_door(args: argparse.Namespace) -> int:
         enrollment=enrollment,
         peer=args.peer,
         peer_every=args.peer_every,
+        enroll_tries=args.enroll_tries,
         workdir=Path(args.workdir) if args.workdir else None,
         cache=Path(args.cache) if args.cache else None,
         quiet=args.quiet,
@@ -295,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--enrollment",
         help="the enrollment server's `enrollment` section (YAML file or inline), e.g. '{quality: {min_blur: 10}}' "
         "(default: the server's defaults)",
+    )
+    p.add_argument(
+        "--enroll-tries",
+        type=int,
+        default=3,
+        help="photos offered per person while the server refuses them, as an admin told why would (default 3; 1: "
+        "the first photo only); each person keeps one template",
     )
     p.add_argument("--peer", choices=("auto", "on", "off"), default="auto", help="face_recognition beside ours")
     p.add_argument("--peer-every", type=int, default=1, help="the peer takes every n-th frame (default 1: all)")

@@ -254,6 +254,19 @@ class GalleryPublisher:
 
     def _publish_new(self, site: str, start: float) -> PublishedGallery:
         data = self._store.site_embeddings(site, self._fingerprint)
+        foreign = self._store.count_templates(site_id=site) - self._store.count_templates(
+            site_id=site, fingerprint=self._fingerprint
+        )
+        if foreign:
+            # e.g. made before an upgrade changed the encoder's space (issue 13's flip averaging): those people are
+            # not recognised until enrolled again, which the admin must know
+            log.warning(
+                "site %s: %d templates were made by another encoder than %s and are left out of the gallery: "
+                "enroll those people again",
+                site,
+                foreign,
+                self._fingerprint,
+            )
         previous = self._store.latest_gallery_version(site)
         recorded_chunks = int(previous.manifest().get("chunk_count", 0)) if previous is not None else 0
         previous_chunks = self._previous_chunk_count(site, recorded_chunks)

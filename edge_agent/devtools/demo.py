@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,8 @@ class DoorSetup:
     device_id: str = DEVICE
     enrollment: Mapping[str, Any] | None = None  # the server config's `enrollment` section (None: its defaults)
     share_unknown: bool = False  # the site opts in: doors send unknown visitors' faces to the server's console
+    # person -> photos offered in turn while the server refuses the person's photo (an admin told why takes another)
+    spare_photos: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -266,11 +268,22 @@ def broker_url_for(url: str | None) -> Iterator[str]:
         yield broker.url
 
 
-def _stage_enrollment(enrolled: Mapping[str, tuple[Path, ...]], folder: Path) -> None:
+def _import(
+    server: ServerProcess,
+    enrolled: Mapping[str, tuple[Path, ...]],
+    folder: Path,
+    options: Sequence[str],
+    show_progress: bool,
+) -> tuple[dict[str, Any], ...]:
+    """`enrollment-server import` of these people's photos (staged in `folder`): its verdict on each photo."""
     for person, photos in enrolled.items():
         (folder / person).mkdir(parents=True, exist_ok=True)
         for photo in photos:
             shutil.copyfile(photo, folder / person / photo.name)
+    printed = server.run("import", str(folder), "--no-publish", *options, show_progress=show_progress)
+    return tuple(
+        line for line in (json.loads(x) for x in printed.splitlines() if x.startswith("{")) if "summary" not in line
+    )
 
 
 def make_video(
@@ -333,6 +346,9 @@ def _edge_config(workdir: Path, broker_url: str, public_key: Path, setup: DoorSe
     }
     if not setup.realtime:  # every frame, however slow: tracks then run on the video's clock, not this machine's
         data["worker"] = {"clock": "media"}
+    enrollment = setup.enrollment or {}
+    if "encoder" in enrollment:  # the door runs the server's encoder, as provisioning configures it
+        data["models"] = {k: enrollment[k] for k in ("encoder", "accept_licence") if k in enrollment}
     if setup.decision is not None:
         data["decision"] = setup.decision.to_dict()
     return config_from_dict(data, workdir)
@@ -369,13 +385,20 @@ def run_door(
 
     server = ServerProcess(workdir, broker_url, setup.site, setup.enrollment, share_unknown=setup.share_unknown)
     server.run("init")
-    enroll_dir = workdir / "enroll"
-    _stage_enrollment(setup.enrolled, enroll_dir)
     say(f"enrolling {len(setup.enrolled)} people ({sum(map(len, setup.enrolled.values()))} photos)")
-    printed = server.run("import", str(enroll_dir), "--no-publish", *setup.import_options, show_progress=show_progress)
-    enrollment = tuple(
-        line for line in (json.loads(x) for x in printed.splitlines() if x.startswith("{")) if "summary" not in line
-    )
+    enrollment = _import(server, setup.enrolled, workdir / "enroll", setup.import_options, show_progress)
+    for attempt in range(max(map(len, setup.spare_photos.values()), default=0)):
+        taken = {line["person_id"] for line in enrollment if line.get("accepted")}
+        retry = {
+            person: (spares[attempt],)
+            for person, spares in setup.spare_photos.items()
+            if person in setup.enrolled and person not in taken and len(spares) > attempt
+        }
+        if not retry:
+            break
+        say(f"{len(retry)} people refused: another photo of each")
+        folder = workdir / f"enroll-{attempt + 2}"
+        enrollment += _import(server, retry, folder, setup.import_options, show_progress)
     consumer = Consumer(broker_url, on_event)
     consumer.start()
     server.start()

@@ -40,7 +40,7 @@ import numpy as np
 from edge_agent.devtools.door_score import TABLE_HEAD, DoorScore, Verdict, Walk, score_door
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError
-from models.face.encoders import DLIB_RESNET
+from models.face.encoders import DEFAULT_ENCODER, encoder_spec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class DoorBenchOptions:
     enrollment: Mapping[str, Any] | None = None  # the enrollment server's `enrollment` section (None: defaults)
     peer: Literal["auto", "on", "off"] = "auto"
     peer_every: int = 1  # the peer processes every n-th frame
+    # photos an admin offers per person, in turn, while the server refuses them (told why, as an admin is); each
+    # person still ends with one template. 1: the first photo only
+    enroll_tries: int = 3
     workdir: Path | None = None  # None: a temporary folder, removed
     cache: Path | None = None  # the peer's embedding cache (None: the faceattend cache)
     width: int = 640
@@ -84,10 +87,15 @@ class DoorBenchOptions:
             raise DoorBenchInputError(f"seeds: need one or more distinct seeds, got {self.seeds}")
         if self.peer_every < 1:
             raise DoorBenchInputError(f"--peer-every: must be >= 1, got {self.peer_every}")
+        if self.enroll_tries < 1:
+            raise DoorBenchInputError(f"--enroll-tries: must be >= 1, got {self.enroll_tries}")
 
     @property
     def rule(self) -> DecisionRule:
-        return self.decision or DLIB_RESNET.default_decision
+        """The edge's decision: the one given, else the default of the encoder the enrollment section names."""
+        return (
+            self.decision or encoder_spec(str((self.enrollment or {}).get("encoder", DEFAULT_ENCODER))).default_decision
+        )
 
 
 # --- the plan -------------------------------------------------------------------------------------------------------
@@ -97,6 +105,8 @@ class DoorPlan:
     enrolled: dict[str, tuple[Path, ...]]  # person -> the one enrollment photo (walk-ins and the never-appearing)
     walk_ins: dict[str, Path]  # person -> the photo shown (not the enrolled one)
     strangers: dict[str, Path]  # person -> the photo shown
+    # person -> the photos offered next, in turn, if the server refuses the enrollment photo (never the shown one)
+    spares: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,13 +114,21 @@ class DoorPlan:
             "enrolled": {p: [str(x) for x in photos] for p, photos in self.enrolled.items()},
             "walk_ins": {p: str(x) for p, x in self.walk_ins.items()},
             "strangers": {p: str(x) for p, x in self.strangers.items()},
+            "spares": {p: [str(x) for x in photos] for p, photos in self.spares.items()},
         }
 
 
 def plan_door(
-    people: Mapping[str, Sequence[Path]], *, enrolled: int, walk_ins: int, strangers: int, seed: int
+    people: Mapping[str, Sequence[Path]],
+    *,
+    enrolled: int,
+    walk_ins: int,
+    strangers: int,
+    seed: int,
+    enroll_tries: int = 1,
 ) -> DoorPlan:
-    """Who is enrolled from which photo, who walks in with which photo (see the module docstring)."""
+    """Who is enrolled from which photo (and which are offered next if it is refused, up to `enroll_tries` photos
+    in all), who walks in with which photo (see the module docstring). The draws do not depend on `enroll_tries`."""
     rng = np.random.default_rng(seed)
     multi = sorted(p for p, photos in people.items() if len(photos) >= 2)
     if walk_ins > len(multi):
@@ -131,20 +149,25 @@ def plan_door(
 
     enrollment: dict[str, tuple[Path, ...]] = {}
     shown: dict[str, Path] = {}
+    spares: dict[str, tuple[Path, ...]] = {}
     for person in walkers:
         photos = photos_of(person)
         pick = rng.permutation(len(photos))
         enrollment[person] = (photos[pick[0]],)
         shown[person] = photos[pick[1]]
+        spares[person] = tuple(photos[i] for i in pick[2 : enroll_tries + 1])
     for person in others:
         photos = photos_of(person)
-        enrollment[person] = (photos[int(rng.integers(len(photos)))],)
+        first = int(rng.integers(len(photos)))
+        enrollment[person] = (photos[first],)
+        spares[person] = tuple(photos[(first + i) % len(photos)] for i in range(1, min(enroll_tries, len(photos))))
     visitors = {p: photos_of(p)[int(rng.integers(len(photos_of(p))))] for p in strangers_chosen}
     return DoorPlan(
         seed,
         dict(sorted(enrollment.items())),
         dict(sorted(shown.items())),
         dict(sorted(visitors.items())),
+        {p: s for p, s in sorted(spares.items()) if s},
     )
 
 
@@ -234,7 +257,12 @@ class DoorBenchReport:
             )
             lines.append(
                 f"  the server's quality gate accepted {e['accepted']} of {e['photos']} enrollment photos"
-                + (f" (refused: {', '.join(f'{k} {n}' for k, n in refused.most_common())})" if refused else "")
+                + (f", {e['another_photo']} people on another photo" if e.get("another_photo") else "")
+                + (
+                    f"; {len(e['rejected'])} people refused ({', '.join(f'{k} {n}' for k, n in refused.most_common())})"
+                    if refused
+                    else ""
+                )
                 + f"; {enrolled} of {run.scores[OURS].walk_ins} walk-ins enrolled"
             )
         width = max(len(s) for s in self.totals()) + 2
@@ -367,6 +395,7 @@ def run_seed(
     setup = DoorSetup(
         plan.enrolled,
         video,
+        spare_photos=plan.spares,
         window_s=0.0,
         unknown_events=True,
         realtime=options.realtime,
@@ -383,10 +412,10 @@ def run_seed(
         for bar in bars:
             bar.close()
     accepted = {line["person_id"] for line in door.enrollment if line.get("accepted")}
-    rejected = {
+    rejected = {  # people none of whose photos the server took: the reason for the last one offered
         line["person_id"]: f"{line.get('reason')}: {line.get('message')}"
         for line in door.enrollment
-        if not line.get("accepted")
+        if not line.get("accepted") and line["person_id"] not in accepted
     }
     walks = [
         Walk(
@@ -438,7 +467,15 @@ def run_seed(
         seed=plan.seed,
         plan=plan,
         video={"frames": truth.frame_count, "seconds": truth.frame_count / truth.fps, "appearances": len(walks)},
-        enrollment={"photos": len(door.enrollment), "accepted": len(accepted), "rejected": rejected},
+        enrollment={
+            "photos": len(door.enrollment),
+            "accepted": len(accepted),
+            "rejected": rejected,
+            # people whose first photo was refused and who were enrolled from another one
+            "another_photo": sum(
+                1 for p, n in Counter(line["person_id"] for line in door.enrollment).items() if n > 1 and p in accepted
+            ),
+        },
         agent={"frames": door.frames, "frames_dropped": door.frames_dropped, "events": len(received)},
         events=tuple(events),
         scores=scores,
@@ -492,7 +529,14 @@ def run_door_bench(options: DoorBenchOptions, progress: TextIO | None = None) ->
 
     people = load_people(options.people)
     plans = [
-        plan_door(people, enrolled=options.enrolled, walk_ins=options.walk_ins, strangers=options.strangers, seed=s)
+        plan_door(
+            people,
+            enrolled=options.enrolled,
+            walk_ins=options.walk_ins,
+            strangers=options.strangers,
+            seed=s,
+            enroll_tries=options.enroll_tries,
+        )
         for s in options.seeds
     ]
     notes = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import subprocess
 import sys
@@ -200,6 +201,22 @@ def test_float16_gallery(store: Store, signer, server_link, mosquitto, mqtt_link
     got = watcher.gallery()
     assert got.dtype == "float16" and got.embeddings.dtype == np.float16 and published.count == 5
     assert_matches_store(got, store, SITE, SYNTHETIC_FP)
+
+
+def test_templates_of_another_encoder_are_left_out_and_the_admin_is_told(
+    store: Store, signer, server_link, mosquitto, mqtt_links, caplog
+):
+    """An upgrade that changes the encoder's space (issue 13: flip averaging) leaves the old templates unusable: the
+    gallery holds only the current encoder's, and each publication says how many were left out."""
+    enroll_synthetic(store, SITE, {"ann": 2})
+    enroll_synthetic(store, SITE, {"ben": 3}, fp="dlib_resnet_v1-bb9335380c8482a6")
+    watcher = edge(mosquitto, mqtt_links, signer, SYNTHETIC_FP).subscribe()
+    with caplog.at_level(logging.WARNING, logger="enrollment_server.gallery_publisher"):
+        published = GalleryPublisher(store, server_link, signer, SYNTHETIC_FP).publish(SITE)
+    assert (published.count, published.people) == (2, 1)
+    assert [p.person_id for p in watcher.gallery().people] == ["ann"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"3 templates were made by another encoder than {SYNTHETIC_FP}" in warning and "enroll those" in warning
 
 
 def test_empty_site_publishes_an_empty_gallery(store: Store, signer, server_link, mosquitto, mqtt_links):

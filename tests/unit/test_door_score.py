@@ -128,6 +128,22 @@ def test_the_plan_enrolls_one_photo_and_shows_another() -> None:
         plan_door(people, enrolled=20, walk_ins=5, strangers=3, seed=0)
 
 
+def test_spare_photos_never_change_the_draw_nor_include_the_photo_shown() -> None:
+    """An admin told why a photo was refused offers another: at most enroll_tries - 1 spares per person, never the
+    photo the walk-in shows at the door, never the enrolled one, and the same draw as with one try."""
+    people = {f"m{i}": tuple(Path(f"m{i}/{j}.jpg") for j in range(1, 5)) for i in range(12)}
+    people |= {f"s{i}": (Path(f"s{i}/1.jpg"),) for i in range(10)}
+    once = plan_door(people, enrolled=15, walk_ins=5, strangers=4, seed=3)
+    plan = plan_door(people, enrolled=15, walk_ins=5, strangers=4, seed=3, enroll_tries=3)
+    assert once.spares == {}
+    assert (plan.enrolled, plan.walk_ins, plan.strangers) == (once.enrolled, once.walk_ins, once.strangers)
+    for person, spares in plan.spares.items():
+        assert person in plan.enrolled and len(spares) == 2  # 3 photos offered in all
+        assert plan.enrolled[person][0] not in spares and plan.walk_ins.get(person) not in spares
+        assert len(set(spares)) == len(spares) and all(s.parent.name == person for s in spares)
+    assert not any(p.startswith("s") for p in plan.spares)  # one photo: nothing else to offer
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -135,6 +151,7 @@ def test_the_plan_enrolls_one_photo_and_shows_another() -> None:
         ({"enrolled": 3, "walk_ins": 5}, "--enrolled 3: must be >= 1 and >= --walk-ins"),
         ({"seeds": ()}, "seeds"),
         ({"peer_every": 0}, "--peer-every"),
+        ({"enroll_tries": 0}, "--enroll-tries"),
     ],
 )
 def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
@@ -157,3 +174,14 @@ def test_the_peer_enrolls_exactly_each_seeds_enrollment_photos() -> None:
         assert names == [p for p, _ in expected]
         for (person, photo), row in zip(expected, rows, strict=True):
             assert row[0] == 10.0 * int(person[1:]) + int(photo.stem)
+
+
+def test_the_bench_scores_against_the_default_of_the_encoder_the_server_runs() -> None:
+    from models.decision.rules import DecisionRule
+    from models.face.encoders import DLIB_RESNET, MOBILEFACENET_192
+
+    assert DoorBenchOptions(Path("people")).rule == DLIB_RESNET.default_decision
+    mobile = {"encoder": "mobilefacenet-192", "accept_licence": "non-commercial-research"}
+    assert DoorBenchOptions(Path("people"), enrollment=mobile).rule == MOBILEFACENET_192.default_decision
+    given = DecisionRule.distance(0.5)
+    assert DoorBenchOptions(Path("people"), enrollment=mobile, decision=given).rule == given
