@@ -38,18 +38,21 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def generate_site(cli: Cli, *, people: int, second_photos: int, unknown: int, seed: int = 0) -> str:
+def generate_site(
+    config: Path, database: str, *, people: int, second_photos: int, unknown: int, seed: int = 0, site: str = SITE
+) -> str:
     """Synthetic dlib-like faces: a person's photos lie about 0.25 apart, different people about 0.65 (their
     centres 0.42 from the origin in random directions), so strangers come under the 0.6 cap and the rule's
     threshold has to tell them apart."""
-    fingerprint = c.fingerprint(load_config(str(cli.config)))
+    fingerprint = c.fingerprint(load_config(str(config)))
     rng = np.random.default_rng(seed)
     centres = 0.42 * _unit(rng, people + unknown)
-    store = st.Store.open(str(cli.db))
+    store = st.Store.open(database)
     try:
+        store.ensure_site(site)
         for i in range(people):
             person = f"p{i:03d}"
-            store.add_person(person, SITE, f"Person {i}")
+            store.add_person(person, site, f"Person {i}")
             for k in range(2 if i < second_photos else 1):
                 face = centres[i] + 0.25 * _unit(rng, 1)[0] / np.sqrt(2)
                 store.add_template(
@@ -60,7 +63,7 @@ def generate_site(cli: Cli, *, people: int, second_photos: int, unknown: int, se
             face = centres[people + j] + 0.25 * _unit(rng, 1)[0] / np.sqrt(2)
             store.add_unknown_face(
                 st.UnknownFace(
-                    face_id=str(uuid.uuid4()), site_id=SITE, device_id="door-1", camera="entrance", track_id=j,
+                    face_id=str(uuid.uuid4()), site_id=site, device_id="door-1", camera="entrance", track_id=j,
                     ts=t0 + timedelta(seconds=j), embedding=face.astype(np.float32), fingerprint=fingerprint,
                     gallery_version=1, distance=0.8, quality=0.9,
                 ),
@@ -85,7 +88,7 @@ def latest_manifest(cli: Cli) -> GalleryManifest:
 
 
 def test_calibrate_refuses_too_little_data_and_says_what_is_missing(cli: Cli):
-    generate_site(cli, people=12, second_photos=5, unknown=30)
+    generate_site(cli.config, str(cli.db), people=12, second_photos=5, unknown=30)
     code, out, err = cli("calibrate", "--apply")
     assert code == EXIT_FATAL and out == []
     assert "site hq cannot be calibrated" in err and "Traceback" not in err
@@ -102,7 +105,7 @@ def test_calibrate_refuses_too_little_data_and_says_what_is_missing(cli: Cli):
 
 
 def test_calibrate_apply_publish_and_reset(cli: Cli):
-    fingerprint = generate_site(cli, people=80, second_photos=40, unknown=60)
+    fingerprint = generate_site(cli.config, str(cli.db), people=80, second_photos=40, unknown=60)
     code, out, err = cli.json("calibrate", "--rule", "ratio")
     assert code == EXIT_OK, err
     [fit] = out
@@ -146,7 +149,7 @@ def test_calibrate_apply_publish_and_reset(cli: Cli):
 
 
 def test_a_rule_of_another_encoder_is_not_published(cli: Cli):
-    generate_site(cli, people=80, second_photos=40, unknown=60)
+    generate_site(cli.config, str(cli.db), people=80, second_photos=40, unknown=60)
     assert cli.json("calibrate", "--apply", "--no-publish")[0] == EXIT_OK
     with st.Store.open(str(cli.db)) as store:
         rule = store.site_rule(SITE)
