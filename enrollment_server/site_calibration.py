@@ -51,6 +51,24 @@ class SiteCalibration:
         return SiteRule(self.site, self.fingerprint, self.decision, self.point.fpir, self.point.dir)
 
 
+def describe_rule(default: DecisionRule, site: SiteDecision | None) -> str:
+    """The site's rule in one line for people: "ratio 0.84, cap 0.50 — calibrated 2026-12-06 on 212 people /
+    3,000 strangers at 1 % strangers accepted", or "encoder default (margin 0.05, cap 0.55)"."""
+
+    def rule_text(rule: DecisionRule) -> str:
+        text = f"{rule.rule} {rule.threshold:.2f}" if math.isfinite(rule.threshold) else f"{rule.rule} inf"
+        if rule.max_distance is not None:
+            text += f", cap {rule.max_distance:.2f}" if math.isfinite(rule.max_distance) else ", no cap"
+        return text
+
+    if site is None:
+        return f"encoder default ({rule_text(default)})"
+    return (
+        f"{rule_text(site.rule)} — calibrated {site.calibrated[:10]} on {site.people:,} people / "
+        f"{site.strangers:,} strangers at {site.target_fpir * 100:g} % strangers accepted"
+    )
+
+
 def calibrate_site(
     store: Store, site: str, fingerprint: str, rule: DecisionRule, target_fpir: float, *, now: datetime
 ) -> SiteCalibration:
