@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from conftest import MosquittoBroker
 from storedb import Db
-from test_server_cli import SITE, Cli
+from test_server_cli import SITE, Cli, photos
 
 from enrollment_server import components as c
 from enrollment_server import store as st
 from enrollment_server.cli import EXIT_FATAL, EXIT_OK
 from enrollment_server.config import load_config
-from models.contract.gallery import GalleryManifest
+from models.contract.gallery import GalleryManifest, SiteDecision
+from models.decision.rules import DecisionRule
 
 DIM = 128
 
@@ -158,3 +159,23 @@ def test_a_rule_of_another_encoder_is_not_published(cli: Cli):
     code, _, err = cli.json("publish")
     assert code == EXIT_OK, err
     assert latest_manifest(cli).site_decision is None  # the edges keep their encoder's default
+
+
+def test_enrolment_flags_a_face_the_sites_rule_would_let_in_as_someone_else(cli: Cli):
+    """Real photos: Angelina Jolie is not Barack Obama by the duplicate-identity distance, but a (deliberately
+    lenient) site rule that would let her in as him at the door makes her a probable duplicate of him."""
+    obama = photos("Barack_Obama")[0]
+    code, _, err = cli.json("enroll", "--person-id", "obama", "--name", "Obama", obama, "--no-publish")
+    assert code == EXIT_OK, err
+    fingerprint = c.fingerprint(load_config(str(cli.config)))
+    lenient = SiteDecision(DecisionRule.distance(0.99), 0.01, 2, 20, 100, "2026-12-06T10:00:00Z")
+    with st.Store.open(str(cli.db)) as store:
+        store.set_site_rule(st.SiteRule(SITE, fingerprint, lenient, 0.01, 0.9))
+    jolie = ("enroll", "--person-id", "jolie", "--name", "Jolie", photos("Angelina_Jolie")[0], "--no-publish")
+    code, out, err = cli.json(*jolie)
+    [verdict] = out[0]["photos"]
+    assert code == EXIT_FATAL and verdict["reason"] == "probable_duplicate_identity", (out, err)
+    assert verdict["matched_person"] == "obama" and 0.5 < verdict["distance"] < 0.99
+    assert cli.json("calibrate", "--reset", "--no-publish")[0] == EXIT_OK
+    code, out, err = cli.json(*jolie)
+    assert code == EXIT_OK and out[0]["added"] == 1, (out, err)
