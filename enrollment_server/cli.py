@@ -247,7 +247,7 @@ def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
             "sync": d.sync,
             "last_seen": d.last_seen.isoformat() if d.last_seen else None,
             # the rule the door reports in force and its source (config / site / encoder default)
-            "decision": (d.health or {}).get("decision"),
+            "decision": (d.health() or {}).get("decision"),
         }
         for d in devices
     ]
