@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -32,13 +33,13 @@ from edge_agent.delivery.event_publisher import EventPublisher
 from edge_agent.delivery.outbox import Outbox
 from edge_agent.delivery.snapshots import SnapshotStore
 from edge_agent.delivery.unknown_faces import UnknownFaceSharer
-from edge_agent.gallery.index import IndexHolder
+from edge_agent.gallery.index import GalleryIndex, IndexHolder
 from edge_agent.gallery.sync import GallerySync
 from edge_agent.health.metrics import MetricsServer
 from edge_agent.health.status import StatusReporter, offline_will
 from edge_agent.recognition.attendance import AttendanceGate
 from edge_agent.recognition.latency import LatencyEma
-from edge_agent.recognition.recognizer import TrackDecision
+from edge_agent.recognition.recognizer import TrackDecision, rule_in_force
 from edge_agent.recognition.worker import InferenceWorker
 from models import extras
 from models.contract.events import new_event
@@ -137,6 +138,7 @@ class EdgeAgent:
         self.unknown_faces: UnknownFaceSharer | None = None  # only when the site shares unknown visitors' faces
         self.gate = AttendanceGate(cfg.attendance)
         self._parts: dict[str, Any] = {}  # started parts by name, stopped in _STOP_ORDER
+        self._override_logged = False  # the config's rule over the site's: said once
 
     # ---- lifecycle ----
 
@@ -156,7 +158,9 @@ class EdgeAgent:
             cfg.models.alignment,
             cfg.models.backend,
             cfg.mqtt.url,
-            cfg.rule.to_dict(),
+            f"{cfg.rule.to_dict()} from the config"
+            if cfg.decision is not None
+            else f"{cfg.rule.to_dict()}, the encoder's default, until a gallery brings the site's calibrated rule",
         )
         try:
             self._start_parts()
@@ -194,7 +198,7 @@ class EdgeAgent:
             fingerprint,
             self.holder,
             cfg.gallery_dir,
-            on_applied=lambda _index: self.status.poke(),  # GallerySync logs the new version itself
+            on_applied=self._on_gallery_applied,  # GallerySync logs the new version itself
             params=cfg.gallery.index,
         )
         self.publisher = EventPublisher(self.outbox, self.link, cfg.device_id, delivery=cfg.delivery)
@@ -210,6 +214,7 @@ class EdgeAgent:
             tracker=cfg.tracker,
             recognition=cfg.recognition,
             rule=cfg.rule,
+            site_rules=cfg.decision is None,  # an explicit decision section wins over the site's rule
             config=cfg.worker,
         )
         self.metrics = MetricsServer(
@@ -222,6 +227,8 @@ class EdgeAgent:
         # the saved gallery first (works with the broker down), then the network, then the models
         self.sync.start()
         self._parts["gallery sync"] = self.sync
+        if self.holder.current is not None:  # the saved gallery, in service already
+            self._note_site_rule(self.holder.current)
         self.publisher.start()
         self._parts["event publisher"] = self.publisher
         self.status.start()
@@ -392,6 +399,32 @@ class EdgeAgent:
         counts.update({f"refused_{reason}_total": refused.get(reason, 0) for reason in REFUSAL_REASONS})
         return counts
 
+    def decision_in_force(self) -> dict[str, Any]:
+        """The rule that decides now and its source (config / site / encoder default), for status and metrics."""
+        rule, source = rule_in_force(self.cfg.rule, self.holder.current, site_rules=self.cfg.decision is None)
+        figures = {"threshold": rule.threshold, "max_distance": rule.max_distance}
+        # a figure that is absent or infinite (no cap) is left out: JSON has no inf, and metrics take numbers only
+        finite = {k: v for k, v in figures.items() if v is not None and math.isfinite(v)}
+        return {"rule": rule.rule, "source": source, **finite}
+
+    def _on_gallery_applied(self, index: GalleryIndex) -> None:
+        self._note_site_rule(index)
+        self.status.poke()
+
+    def _note_site_rule(self, index: GalleryIndex) -> None:
+        site = index.gallery.decision
+        if site is not None and self.cfg.decision is not None and not self._override_logged:
+            self._override_logged = True
+            log.warning(
+                "the config's decision %s overrides the site's calibrated rule %s (calibrated %s); remove the "
+                "config's decision section to apply the site's",
+                self.cfg.decision.to_dict(),
+                site.rule.to_dict(),
+                site.calibrated,
+            )
+        elif site is not None and self.cfg.decision is None:
+            log.info("decision: the site's calibrated rule %s (calibrated %s)", site.rule.to_dict(), site.calibrated)
+
     def health(self) -> dict[str, Any]:
         sync = dataclasses.asdict(self.sync.status())
         publisher = dataclasses.asdict(self.publisher.stats())  # reads the outbox's depth and oldest age once
@@ -414,6 +447,7 @@ class EdgeAgent:
             },
             "attendance": dataclasses.asdict(self.gate.stats()),
             "mqtt_connected": self.link.is_connected(),
+            "decision": self.decision_in_force(),
         }
         if self.style is not None:
             out["style"] = self.style.stats_dict()

@@ -48,6 +48,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 "encoder": cfg.models.encoder,
                 "alignment": cfg.models.alignment,
                 "decision": cfg.rule.to_dict(),
+                # without a decision section the site's calibrated rule, once a gallery brings one, replaces it
+                "decision_source": "config" if cfg.decision is not None else "encoder default",
                 "attendance_window_s": cfg.attendance.window_s,
                 "state_dir": str(cfg.state_dir),
             }

@@ -168,6 +168,61 @@ def cmd_publish(args: argparse.Namespace, cfg: ServerConfig) -> int:
     return _after_change(args, cfg, c.open_store(cfg), args.site or cfg.site)
 
 
+def _calibration_rule(cfg: ServerConfig, name: str | None):
+    """The rule to fit, its cap kept: the encoder's default decision when it is that rule, else the encoder's
+    default for the named rule."""
+    from models.face.encoders import encoder_spec
+
+    spec = encoder_spec(cfg.enrollment.encoder)
+    if name is None or name == spec.default_decision.rule:
+        return spec.default_decision
+    return spec.rule(name)
+
+
+def cmd_calibrate(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from datetime import datetime, timezone
+
+    from enrollment_server.site_calibration import calibrate_site
+
+    site = args.site or cfg.site
+    store = c.open_store(cfg)
+    store.get_site(site)  # an unknown site is named as such, not as "too little data"
+    if args.reset:
+        cleared = store.clear_site_rule(site)
+        print(json.dumps({"site": site, "decision": "encoder default", "was_calibrated": cleared}))
+        return _after_change(args, cfg, store, site) if cleared else EXIT_OK
+    fingerprint = c.fingerprint(cfg)
+    result = calibrate_site(
+        store, site, fingerprint, _calibration_rule(cfg, args.rule), args.fpir, now=datetime.now(timezone.utc)
+    )
+    point = result.point
+    print(
+        json.dumps(
+            {
+                "site": site,
+                "decision": point.rule.to_dict(),
+                "target_fpir": point.target_fpir,
+                "fpir": point.fpir,
+                "strangers_accepted": point.n_strangers_accepted,
+                "resolvable": point.resolvable,
+                "dir": point.dir,
+                "people": result.decision.people,
+                "genuine_probes": result.decision.probes,
+                "strangers": result.decision.strangers,
+                "unknown_faces": result.unknown_faces,
+                "leave_one_out": result.leave_one_out,
+                "fingerprint": fingerprint,
+                "applied": args.apply,
+            }
+        )
+    )
+    if not args.apply:
+        print("not stored: run again with --apply to publish this rule to the site's doors", file=sys.stderr)
+        return EXIT_OK
+    store.set_site_rule(result.site_rule())
+    return _after_change(args, cfg, store, site)
+
+
 _SYNC_NOTES = {
     "behind": "<- behind",
     "ahead": "<- AHEAD of this server's newest gallery: a restored or replaced database, or another server "
@@ -191,6 +246,8 @@ def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
             "lag": d.lag,  # negative: ahead; null: versions of two epochs, not comparable (see sync)
             "sync": d.sync,
             "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+            # the rule the door reports in force and its source (config / site / encoder default)
+            "decision": (d.health() or {}).get("decision"),
         }
         for d in devices
     ]
@@ -275,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     add("list", cmd_list, "people of a site")
     add("publish", cmd_publish, "publish the site's gallery now")
+    p = add(
+        "calibrate",
+        cmd_calibrate,
+        "fit the site's decision rule on its own people and unknown faces; --apply publishes it to its doors",
+        publishes=True,
+    )
+    p.add_argument("--fpir", type=float, default=0.01, help="share of strangers accepted (default 0.01)")
+    p.add_argument("--rule", choices=("ratio", "margin", "distance"), help="default: the encoder's default rule")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--apply", action="store_true", help="store the rule: the site's galleries carry it")
+    action.add_argument("--reset", action="store_true", help="drop the site's rule: back to the encoder default")
     p = add("devices", cmd_devices, "edge devices: online state, applied gallery version, lag")
     p.add_argument("--json", action="store_true")
     p = add("report", cmd_report, "first / last seen per person and day")

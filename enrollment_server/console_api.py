@@ -16,6 +16,7 @@ console.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
@@ -42,8 +43,11 @@ from enrollment_server.api import (
     SiteId,
     time_zone,
 )
-from enrollment_server.store import Device
+from enrollment_server.site_calibration import describe_rule
+from enrollment_server.store import Device, SiteRule
 from enrollment_server.visitors import VisitorAction, VisitorGroup, Visitors
+from models.contract.timestamps import parse_utc
+from models.decision.rules import DecisionRule
 from models.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,16 @@ class LastEventOut(BaseModel):
     name: str | None
 
 
+class DecisionRuleOut(BaseModel):
+    rule: str
+    threshold: float | None  # None: infinite (a margin rule that only accepts without a runner-up)
+    max_distance: float | None  # None: the distance rule, or no cap
+
+
+class DoorDecisionOut(DecisionRuleOut):
+    source: str  # config / site / encoder default
+
+
 class ConsoleDoorOut(BaseModel):
     device_id: str
     site: str
@@ -115,10 +129,27 @@ class ConsoleDoorOut(BaseModel):
     mqtt_connected: bool | None
     last_seen: datetime | None
     last_event: LastEventOut | None
+    decision: DoorDecisionOut | None  # the rule the door reports in force; None from an agent that does not say
+
+
+class ConsoleDecisionOut(BaseModel):
+    """The site's decision rule: its own calibrated one (`enrollment-server calibrate --apply`) or the encoder's
+    default; `summary` says it in one line."""
+
+    site: str
+    source: Literal["site", "encoder default"]
+    rule: DecisionRuleOut
+    summary: str
+    calibrated: datetime | None  # the figures below: only for a site's own rule
+    target_fpir: float | None
+    people: int | None
+    probes: int | None
+    strangers: int | None
 
 
 class ConsoleDoorsOut(BaseModel):
     stale_after_s: float
+    decision: ConsoleDecisionOut  # of the site asked for (the server's own with all sites)
     doors: list[ConsoleDoorOut]
 
 
@@ -219,6 +250,41 @@ def _door_out(d: Device, last: Any, now: datetime, stale_after_s: float) -> Cons
         mqtt_connected=connected if isinstance(connected, bool) else None,
         last_seen=d.last_seen,
         last_event=None if last is None else LastEventOut(ts=last.ts, person_id=last.person_id, name=last.name),
+        decision=_door_decision(health),
+    )
+
+
+def _door_decision(health: dict[str, Any] | None) -> DoorDecisionOut | None:
+    reported = health.get("decision") if isinstance(health, dict) else None
+    if not isinstance(reported, dict) or not isinstance(reported.get("rule"), str):
+        return None
+    return DoorDecisionOut(
+        rule=reported["rule"],
+        threshold=_number(reported, "threshold"),
+        max_distance=_number(reported, "max_distance"),
+        source=str(reported.get("source", "")),
+    )
+
+
+def _rule_out(rule: DecisionRule) -> DecisionRuleOut:
+    def finite(x: float | None) -> float | None:
+        return x if x is not None and math.isfinite(x) else None
+
+    return DecisionRuleOut(rule=rule.rule, threshold=finite(rule.threshold), max_distance=finite(rule.max_distance))
+
+
+def _decision_out(site: str, default: DecisionRule, rule: SiteRule | None) -> ConsoleDecisionOut:
+    d = None if rule is None else rule.decision
+    return ConsoleDecisionOut(
+        site=site,
+        source="encoder default" if d is None else "site",
+        rule=_rule_out(default if d is None else d.rule),
+        summary=describe_rule(default, d),
+        calibrated=None if d is None else parse_utc(d.calibrated),
+        target_fpir=None if d is None else d.target_fpir,
+        people=None if d is None else d.people,
+        probes=None if d is None else d.probes,
+        strangers=None if d is None else d.strangers,
     )
 
 
@@ -247,8 +313,11 @@ def _jpeg(data: bytes, cache: str) -> Response:
 # --- the routes -------------------------------------------------------------------------------------------------
 
 
-def console_views(visitors: Visitors, *, stale_after_s: float) -> Callable[[ApiContext], APIRouter]:
-    """The router factory `create_app(routers=...)` takes."""
+def console_views(
+    visitors: Visitors, *, stale_after_s: float, default_rule: DecisionRule, fingerprint: str
+) -> Callable[[ApiContext], APIRouter]:
+    """The router factory `create_app(routers=...)` takes. `default_rule`: the encoder's default decision, what a
+    site without its own rule (or with one of another encoder, `fingerprint` being the server's) decides under."""
 
     def make(ctx: ApiContext) -> APIRouter:
         service = ctx.service
@@ -393,7 +462,13 @@ def console_views(visitors: Visitors, *, stale_after_s: float) -> Callable[[ApiC
             now = datetime.now(timezone.utc)
             last = store.last_events(site)
             doors = [_door_out(d, last.get(d.device_id), now, stale_after_s) for d in store.list_devices(site)]
-            return ConsoleDoorsOut(stale_after_s=stale_after_s, doors=doors)
+            shown = service.known_site(site)
+            rule = store.site_rule(shown)
+            if rule is not None and rule.fingerprint != fingerprint:
+                rule = None  # not published (enrollment_server.gallery_publisher): the doors run the default
+            return ConsoleDoorsOut(
+                stale_after_s=stale_after_s, decision=_decision_out(shown, default_rule, rule), doors=doors
+            )
 
         # -- unknown visitors --------------------------------------------------------------------------------------
 

@@ -4,14 +4,16 @@ Per photo: decode (ImageError -> unreadable), detect/align/encode, the photo gat
 models.face.quality), then duplicates: the same image bytes (sha256) or a template this close to one the
 person already has adds nothing. Identity checks, skipped only when the admin insists (`allow_duplicate_identity`):
 
-- a *new* person whose face already matches someone enrolled at the site under `duplicate_identity_distance` is
-  flagged as a probable duplicate identity and not created;
+- a *new* person whose face already matches someone enrolled at the site under `duplicate_identity_distance`, or
+  whom the site's own rule would let in as someone enrolled, is flagged as a probable duplicate identity and not
+  created;
 - a photo added to an *existing* person is refused on its own when it matches someone else enrolled (probable
   duplicate identity), or when it is farther than `same_person_distance` from every template the person already
   has (`not_this_person`): a mixed-up upload must not enrol another person, or a stranger nobody enrolled, under
   that name. Their other photos still go in.
 
-The identity checks use the same open-set decision rule as the edges (models.decision.rules).
+The identity checks use the same open-set decision rules as the edges (models.decision.rules): the
+duplicate-identity distance, and the site's own calibrated rule where it has one (`enrollment-server calibrate`).
 """
 
 from __future__ import annotations
@@ -298,10 +300,24 @@ class Enroller:
         if not others:
             return [None] * len(embeddings)
         labels = [gallery.labels[i] for i in others]
-        decisions = self._identity_rule.decide(
-            Neighbours.from_embeddings(embeddings, gallery.embeddings[others], labels)
-        )
-        return [(d.person_id, d.distance) if d.accepted and d.person_id is not None else None for d in decisions]
+        nb = Neighbours.from_embeddings(embeddings, gallery.embeddings[others], labels)
+        accepted = np.zeros(len(nb), dtype=bool)
+        for rule in self._identity_rules(site):
+            accepted |= rule.accepts(nb)
+        nearest = self._identity_rule.decide(nb)  # the candidate and its distance, whichever rule accepted
+        return [
+            (d.candidate, d.distance) if ok and d.candidate is not None else None
+            for d, ok in zip(nearest, accepted, strict=True)
+        ]
+
+    def _identity_rules(self, site: str) -> list[DecisionRule]:
+        """The duplicate-identity distance, and the site's own calibrated rule when it has one for this encoder: a
+        face the site's doors would let in as someone else is that someone as far as enrolment is concerned."""
+        rules = [self._identity_rule]
+        site_rule = self.store.site_rule(site)
+        if site_rule is not None and site_rule.fingerprint == self.fingerprint:
+            rules.append(site_rule.decision.rule)
+        return rules
 
 
 def person_folders(root: Path) -> list[tuple[str, list[Path]]]:

@@ -30,6 +30,11 @@ like any restart), so every process starts a new epoch: its first publication of
 when nobody changed, which edges holding the same blob take over without a download. Versions stay the
 operator's counter; epochs only order.
 
+The site's decision rule (`enrollment-server calibrate --apply`, `Store.site_rule`) goes into every manifest while
+it belongs to the publisher's encoder fingerprint; one calibrated under another encoder is left out, with a
+warning, and the edges apply their encoder's default. A changed rule is a change like a changed person:
+`republish_latest` publishes a new version for it.
+
 An empty gallery (nobody enrolled, or everybody removed) is a valid gallery of count 0: publishing it is how the
 edges forget the last person.
 
@@ -65,7 +70,15 @@ import numpy as np
 
 from enrollment_server.store import GalleryVersion, SiteEmbeddings, Store
 from models.contract import limits, topics
-from models.contract.gallery import DTYPES, Gallery, GalleryManifest, GalleryPerson, build_publication, release_text
+from models.contract.gallery import (
+    DTYPES,
+    Gallery,
+    GalleryManifest,
+    GalleryPerson,
+    SiteDecision,
+    build_publication,
+    release_text,
+)
 from models.contract.mqtt_link import MqttLink, PublishHandle
 from models.contract.signing import Signer
 from models.errors import ConfigError, ContractError, FaceAttendError, MqttError, PublishTimeoutError
@@ -207,7 +220,8 @@ class GalleryPublisher:
             # build_publication with the recorded chunk size reproduces the recorded chunks exactly when the data
             # is unchanged; its fresh manifest (other `created`, other signature bytes) is only compared, never sent
             rebuilt, chunks = build_publication(gallery, self._signer, recorded.chunk_size)
-            if (rebuilt.blob_sha256, rebuilt.chunk_sha256) != (recorded.blob_sha256, recorded.chunk_sha256):
+            was_content = (recorded.blob_sha256, recorded.chunk_sha256, recorded.site_decision)
+            if (rebuilt.blob_sha256, rebuilt.chunk_sha256, gallery.decision) != was_content:
                 log.info(
                     "site %s changed since gallery v%d was recorded: publishing a new version", site, latest.version
                 )
@@ -345,8 +359,32 @@ class GalleryPublisher:
             labels[row] = j
         embeddings = data.embeddings if len(data) else np.zeros((0, self._dim), dtype=np.float32)
         return Gallery(
-            site, version, self._fingerprint, METRIC, self._dtype, embeddings, labels, tuple(people), epoch=epoch
+            site,
+            version,
+            self._fingerprint,
+            METRIC,
+            self._dtype,
+            embeddings,
+            labels,
+            tuple(people),
+            epoch=epoch,
+            decision=self._site_decision(site),
         )
+
+    def _site_decision(self, site: str) -> SiteDecision | None:
+        rule = self._store.site_rule(site)
+        if rule is None:
+            return None
+        if rule.fingerprint != self._fingerprint:
+            log.warning(
+                "site %s: its calibrated rule belongs to encoder %s, this server publishes %s: left out, the edges "
+                "apply their encoder's default (run enrollment-server calibrate --apply again)",
+                site,
+                rule.fingerprint,
+                self._fingerprint,
+            )
+            return None
+        return rule.decision
 
     def _previous_chunk_count(self, site: str, recorded: int) -> int:
         return max(recorded, self._high_water.get(site, 0))

@@ -248,6 +248,26 @@ unknown_faces = Table(
 )
 
 
+# A site's own calibrated decision rule (schema 4; `enrollment-server calibrate --apply`), published in the gallery
+# manifest while `fingerprint` is the publisher's encoder: a threshold means nothing in another embedding space.
+site_decisions = Table(
+    "site_decisions",
+    metadata,
+    Column("site_id", String(ID_LENGTH), ForeignKey("sites.site_id"), primary_key=True),
+    Column("fingerprint", String(ID_LENGTH), nullable=False),
+    Column("rule", String(16), nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("max_distance", Float),  # NULL for the distance rule
+    Column("target_fpir", Float, nullable=False),
+    Column("people", Integer, nullable=False),
+    Column("probes", Integer, nullable=False),
+    Column("strangers", Integer, nullable=False),
+    Column("fpir", Float, nullable=False),  # reached on the calibration strangers
+    Column("dir", Float),  # on the site's own genuine probes
+    Column("calibrated", UTCDateTime, nullable=False),
+)
+
+
 # --- migrations -------------------------------------------------------------------------------------------------
 
 
@@ -259,7 +279,8 @@ class Migration:
 
 
 def _initial_schema(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not unknown_faces], checkfirst=True)
+    later = (unknown_faces, site_decisions)  # created by their own migrations
+    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in later], checkfirst=True)
 
 
 def _thumbnails_and_unknown_faces(conn: Connection) -> None:
@@ -304,6 +325,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _add_missing_columns(gallery_versions.c.epoch, devices.c.gallery_epoch, gallery_acks.c.epoch),
     ),
     Migration(3, "template thumbnails, unknown visitors' faces", _thumbnails_and_unknown_faces),
+    Migration(4, "per-site calibrated decision rules", lambda conn: site_decisions.create(conn, checkfirst=True)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

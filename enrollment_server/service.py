@@ -36,6 +36,7 @@ from enrollment_server.ingest import Ingest, ingest_config
 from enrollment_server.leadership import GalleryLeadership, PgAdvisoryLease, lease_for
 from models import extras
 from models.errors import ConfigError, MqttError
+from models.face.encoders import encoder_spec
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,14 @@ def start_parts(cfg: ServerConfig) -> ServerParts:
 
         ha_link = c.make_link(c.mqtt_config(cfg, "ha"))
         ha = HomeAssistantDiscovery(ha_link, cfg.home_assistant, extras.distribution_version())
-    routers = [console_views(visitors, stale_after_s=cfg.console.stale_after_s)]
+    routers = [
+        console_views(
+            visitors,
+            stale_after_s=cfg.console.stale_after_s,
+            default_rule=encoder_spec(cfg.enrollment.encoder).default_decision,
+            fingerprint=c.fingerprint(cfg),
+        )
+    ]
     if cfg.console.enabled:
         routers.append(console_pages(default_site=cfg.site))
     app = create_app(

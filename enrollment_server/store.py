@@ -43,10 +43,14 @@ from enrollment_server.schema import (
     gallery_acks,
     gallery_versions,
     people,
+    site_decisions,
     sites,
     templates,
     unknown_faces,
 )
+from models.contract.gallery import SiteDecision
+from models.contract.timestamps import format_utc, parse_utc
+from models.decision.rules import DecisionRule
 from models.errors import (
     ConflictError,
     DatabaseVersionError,
@@ -218,6 +222,18 @@ class GalleryVersion:
 
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_json)
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """A site's own calibrated decision rule (`Store.site_rule`): what the manifest carries, the encoder space it
+    belongs to, and the figures it reached on the site's own faces."""
+
+    site_id: str
+    fingerprint: str
+    decision: SiteDecision
+    fpir: float
+    dir: float | None
 
 
 @dataclass(frozen=True)
@@ -935,6 +951,51 @@ class Store:
         labels = tuple(row.person_id for row in rows)
         names = MappingProxyType({row.person_id: row.display_name for row in rows})
         return SiteEmbeddings(embeddings=_readonly(embeddings), labels=labels, names=names)
+
+    # -- the site's decision rule ----------------------------------------------------------------------------------
+
+    def set_site_rule(self, rule: SiteRule) -> None:
+        """Store (replacing any) the site's calibrated rule; the next gallery publication carries it."""
+        d = rule.decision
+        values = {
+            "fingerprint": _ident(rule.fingerprint, "fingerprint"),
+            "rule": d.rule.rule,
+            "threshold": d.rule.threshold,
+            "max_distance": d.rule.max_distance,
+            "target_fpir": d.target_fpir,
+            "people": d.people,
+            "probes": d.probes,
+            "strangers": d.strangers,
+            "fpir": rule.fpir,
+            "dir": rule.dir,
+            "calibrated": parse_utc(d.calibrated),
+        }
+        with self._write() as conn:
+            if conn.execute(select(sites.c.site_id).where(sites.c.site_id == rule.site_id)).one_or_none() is None:
+                raise NotFoundError(f"no site {rule.site_id!r}")
+            conn.execute(
+                self._insert(site_decisions)
+                .values(site_id=rule.site_id, **values)
+                .on_conflict_do_update(index_elements=[site_decisions.c.site_id], set_=values)
+            )
+
+    def site_rule(self, site_id: str) -> SiteRule | None:
+        """The site's calibrated rule, None when it runs on its encoder's default."""
+        with self._read() as conn:
+            row = conn.execute(select(site_decisions).where(site_decisions.c.site_id == site_id)).one_or_none()
+        if row is None:
+            return None
+        rule = DecisionRule(row.rule, row.threshold, row.max_distance)
+        decision = SiteDecision(
+            rule, row.target_fpir, row.people, row.probes, row.strangers, format_utc(row.calibrated)
+        )
+        return SiteRule(row.site_id, row.fingerprint, decision, row.fpir, row.dir)
+
+    def clear_site_rule(self, site_id: str) -> bool:
+        """Back to the encoder's default; False when the site had no rule of its own."""
+        with self._write() as conn:
+            result = conn.execute(site_decisions.delete().where(site_decisions.c.site_id == site_id))
+        return bool(result.rowcount)
 
     # -- gallery versions -----------------------------------------------------------------------------------------
 

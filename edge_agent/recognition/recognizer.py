@@ -19,7 +19,8 @@ confirmed track:
    to every candidate's templates (`GalleryIndex.distances_to`), also where a sample's top-k list lacks that
    identity: filling the gap with the list's largest distance would under-state the winner's distance, so a track
    could be accepted on distances it never had.
-   Then the configured `models.decision.rules.DecisionRule` (distance, ratio or margin, with its threshold and cap)
+   Then the door's `models.decision.rules.DecisionRule` (distance, ratio or margin, with its threshold and cap: the
+   config's, else the site's calibrated rule from the gallery's manifest, else the encoder's default; `rule_in_force`)
    judges (d1, d2) exactly as it judges a single probe, and the winner must also hold at least `min_vote_share` of
    the weight. Otherwise the track is unknown; `distance` / `margin` still report d1 and d2 - d1 for the logs.
 3. **Decision, once per track.** Early, as soon as `min_samples` samples make an accepting vote; at `max_encodes`
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from types import MappingProxyType
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -99,6 +101,25 @@ def _integer(key: str, value: object, low: int) -> int:
 # it; a config without one takes its encoder's calibrated default, models/face/encoders.py). This is the default
 # encoder's.
 DEFAULT_RULE = DLIB_RESNET.default_decision
+
+RuleSource = Literal["config", "site", "encoder default"]
+
+
+def rule_in_force(
+    rule: DecisionRule, index: GalleryIndex | None, *, site_rules: bool
+) -> tuple[DecisionRule, RuleSource]:
+    """The rule that decides under `index`, and where it comes from.
+
+    `site_rules` False: `rule` is the config's own and always wins. True: `rule` is the encoder's default, and the
+    site's calibrated rule carried by the gallery in service (its signed manifest) replaces it. That rule belongs to
+    the gallery's encoder fingerprint, which is this door's, or the gallery would not be in service.
+    """
+    if not site_rules:
+        return rule, "config"
+    site = None if index is None else index.gallery.decision
+    if site is None:
+        return rule, "encoder default"
+    return site.rule, "site"
 
 
 @dataclass(frozen=True)
@@ -381,10 +402,13 @@ class Recognizer:
         *,
         fingerprint: str,
         rule: DecisionRule = DEFAULT_RULE,
+        site_rules: bool = False,
     ) -> None:
+        """`rule` and `site_rules`: see `rule_in_force`."""
         self.camera = camera
         self.config = config or RecognitionConfig()
         self.rule = rule
+        self.site_rules = site_rules
         self.fingerprint = fingerprint
         self._tracks: dict[int, _TrackState] = {}
         self._samples = 0
@@ -561,7 +585,7 @@ class Recognizer:
             np.stack([s.person_ids for s in samples]),
             np.stack([s.distances for s in samples]),
             np.array([s.weight for s in samples]),
-            self.rule,
+            rule_in_force(self.rule, index, site_rules=self.site_rules)[0],
             min_vote_share=self.config.min_vote_share,
             exact=exact,
         )
@@ -600,7 +624,7 @@ class Recognizer:
             return None
         version = self._refresh(samples, index)
         v = self._vote(samples, index)
-        rule = self.rule
+        rule = rule_in_force(self.rule, index, site_rules=self.site_rules)[0]
         name = index.labels.get(v.person_id) if index is not None and v.person_id is not None else None
         decision = TrackDecision(
             camera=self.camera,

@@ -200,8 +200,10 @@ class InferenceWorker:
         tracker: TrackerConfig | None = None,
         recognition: RecognitionConfig | None = None,
         rule: DecisionRule = DEFAULT_RULE,
+        site_rules: bool = False,
         config: WorkerConfig | None = None,
     ) -> None:
+        """`rule` and `site_rules`: see `edge_agent.recognition.recognizer.rule_in_force`."""
         self.pipeline = pipeline
         self.cameras = cameras
         self.holder = holder
@@ -209,6 +211,7 @@ class InferenceWorker:
         self.tracker_config = tracker or TrackerConfig()
         self.recognition_config = recognition or RecognitionConfig()
         self.rule = rule
+        self.site_rules = site_rules
         self.config = config or WorkerConfig()
         self._fingerprint = pipeline.fingerprint
         self._trackers: dict[str, Tracker] = {}
@@ -519,7 +522,13 @@ class InferenceWorker:
         tracker = self._trackers.get(camera)
         if tracker is None:
             tracker = Tracker(self.tracker_config, camera=camera)
-            recognizer = Recognizer(camera, self.recognition_config, fingerprint=self._fingerprint, rule=self.rule)
+            recognizer = Recognizer(
+                camera,
+                self.recognition_config,
+                fingerprint=self._fingerprint,
+                rule=self.rule,
+                site_rules=self.site_rules,
+            )
             with self._lock:
                 self._trackers[camera] = tracker
                 self._recognizers[camera] = recognizer

@@ -189,7 +189,9 @@ class GalleryAssembler:
                 log.warning("gallery %s re-published with other content; starting over with it", release_text(release))
         if done is not None and _same_content(manifest, done.manifest):
             self._assembly = None  # whatever was pending is older than this release
-            gallery = dataclasses.replace(done.gallery, version=manifest.version, epoch=manifest.epoch)
+            gallery = dataclasses.replace(
+                done.gallery, version=manifest.version, epoch=manifest.epoch, decision=manifest.site_decision
+            )
             self._completed = Verified(manifest, payload, gallery)
             log.info(
                 "gallery %s for site %s: the content of %s in service, taken over without a download",

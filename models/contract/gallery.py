@@ -39,6 +39,13 @@ separators `,` `:`, UTF-8, non-ASCII unescaped) of the manifest object *as recei
 fields included, with only its `signature` key removed. Verifying the received object rather than our re-encoding
 keeps a 1.x manifest with fields this reader does not know verifiable. Manifest values are strings, integers and
 an array of strings only (no floats), so every language's canonical JSON agrees byte for byte.
+
+The site's decision (schema 1.1, optional). `decision` carries the rule the site's edges apply when their own
+config names none (`SiteDecision`: `enrollment-server calibrate` fits it on the site's own people and unknown
+faces), with how it was calibrated. Its numbers are decimal strings (`"0.84"`, `"inf"` for no cap), keeping the
+manifest free of floats for the signature's sake; the counts are integers. The rule belongs to the manifest's
+encoder fingerprint. Absent: the edge applies its encoder's default. A 1.0 edge ignores the field (signed like
+every other), a malformed one is refused (GalleryFormatError) and the edge keeps the gallery it serves.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from models.contract.codec import (
 )
 from models.contract.signing import SIGNATURE_BYTES, Signer, Verifier
 from models.contract.topics import validate_id
+from models.decision.rules import DecisionRule
 from models.errors import ConfigError, GalleryFormatError, SignatureError, TopicError
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,88 @@ HEADER_BYTES = _HEADER.size  # 17
 _LEN = struct.Struct("<H")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+# a decimal number as Python's repr() writes a finite float, or "inf"; nothing else (no "nan", no spaces, no "+")
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?(e[-+][0-9]+)?|inf")
+_DECISION_COUNTS = ("people", "probes", "strangers")
+
+
+def _decimal_text(value: float) -> str:
+    return "inf" if value == float("inf") else repr(float(value))
+
+
+def _decimal_value(obj: Mapping[str, Any], key: str) -> float:
+    text = obj.get(key)
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise GalleryFormatError(f"gallery manifest: decision.{key} must be a decimal string, got {text!r}")
+    return float(text)
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """A site's calibrated decision rule as the manifest carries it (module docstring, "The site's decision").
+
+    `target_fpir`: the share of strangers the threshold was fitted to accept; `people`: gallery identities,
+    `probes`: their genuine probes, `strangers`: stranger probes it was fitted on; `calibrated`: when (UTC).
+    """
+
+    rule: DecisionRule
+    target_fpir: float
+    people: int
+    probes: int
+    strangers: int
+    calibrated: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, DecisionRule):
+            raise GalleryFormatError("site decision: rule must be a DecisionRule")
+        if isinstance(self.target_fpir, bool) or not 0.0 < float(self.target_fpir) < 1.0:
+            raise GalleryFormatError(f"site decision: target_fpir must be in (0, 1), got {self.target_fpir!r}")
+        for key in _DECISION_COUNTS:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+                raise GalleryFormatError(f"site decision: {key} must be an integer >= 0, got {value!r}")
+        try:
+            object.__setattr__(self, "calibrated", timestamps.normalise_utc(self.calibrated))
+        except (TypeError, ValueError) as exc:
+            raise GalleryFormatError(f"site decision: calibrated {self.calibrated!r}: {exc}") from None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rule": self.rule.rule,
+            "threshold": _decimal_text(self.rule.threshold),
+            "target_fpir": _decimal_text(self.target_fpir),
+            "calibrated": self.calibrated,
+        }
+        if self.rule.max_distance is not None:
+            out["max_distance"] = _decimal_text(self.rule.max_distance)
+        for key in _DECISION_COUNTS:
+            out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> SiteDecision:
+        """Strict: every value is checked; unknown keys are ignored like anywhere in the contract (a later minor
+        may add some)."""
+        if not isinstance(obj, Mapping):
+            raise GalleryFormatError(f"gallery manifest: decision must be an object, got {type(obj).__name__}")
+        rule: dict[str, Any] = {"rule": obj.get("rule"), "threshold": _decimal_value(obj, "threshold")}
+        if "max_distance" in obj:
+            rule["max_distance"] = _decimal_value(obj, "max_distance")
+        try:
+            decision_rule = DecisionRule.from_dict(rule)
+        except ConfigError as exc:
+            raise GalleryFormatError(f"gallery manifest: decision: {exc}") from None
+        missing = [k for k in (*_DECISION_COUNTS, "calibrated") if k not in obj]
+        if missing:
+            raise GalleryFormatError(f"gallery manifest: decision lacks {', '.join(missing)}")
+        return cls(
+            decision_rule,
+            _decimal_value(obj, "target_fpir"),
+            obj["people"],
+            obj["probes"],
+            obj["strangers"],
+            obj["calibrated"],
+        )
 
 
 @dataclass(frozen=True)
@@ -112,8 +202,11 @@ class Gallery:
     labels: np.ndarray = field(repr=False)  # [count] int32, index into `people`, read-only
     people: tuple[GalleryPerson, ...]
     epoch: int = 0  # with `version`, the release (see the module docstring); 0 = a 1.0 publication
+    decision: SiteDecision | None = None  # 1.1: the site's calibrated rule; None = the encoder's default
 
     def __post_init__(self) -> None:
+        if self.decision is not None and not isinstance(self.decision, SiteDecision):
+            raise GalleryFormatError("gallery decision must be a SiteDecision")
         try:
             validate_id(self.site, "site")
         except TopicError as exc:
@@ -247,6 +340,7 @@ def decode_blob(data: bytes, expected: GalleryManifest) -> Gallery:
         labels=labels.astype(np.int32),
         people=tuple(people),
         epoch=expected.epoch,
+        decision=expected.site_decision,
     )
 
 
@@ -286,6 +380,7 @@ class GalleryManifest(Message):
     key_id: str
     signature: str  # base64 Ed25519 signature; "" only on the unsigned draft inside build_publication
     epoch: int = 0  # 1.1: with `version`, the release (module docstring); absent from a 1.0 manifest
+    decision: dict[str, Any] | None = None  # 1.1: `SiteDecision.to_wire()`; absent = the encoder's default
 
     def validate(self) -> None:
         check_id(self, "site")
@@ -327,6 +422,18 @@ class GalleryManifest(Message):
                 raise self.invalid("signature", "is not base64") from None
             if len(raw) != SIGNATURE_BYTES:
                 raise self.invalid("signature", f"holds {len(raw)} bytes, an Ed25519 signature is {SIGNATURE_BYTES}")
+        if self.decision is not None:
+            SiteDecision.from_wire(self.decision)  # a malformed rule is refused on decode, not when applied
+
+    def to_object(self) -> dict[str, Any]:
+        obj = super().to_object()
+        if obj["decision"] is None:
+            del obj["decision"]  # absent, not null: a manifest without a site rule stays what it was before 1.1
+        return obj
+
+    @property
+    def site_decision(self) -> SiteDecision | None:
+        return None if self.decision is None else SiteDecision.from_wire(self.decision)
 
     @property
     def release(self) -> tuple[int, int]:
@@ -394,11 +501,12 @@ def build_publication(
         key_id=signer.key_id,
         signature="",
         epoch=gallery.epoch,
+        decision=None if gallery.decision is None else gallery.decision.to_wire(),
     )
     signature = signer.sign_b64(signed_bytes(draft.to_object()))
     manifest = dataclasses.replace(draft, signature=signature)
     log.info(
-        "gallery %s for site %s: %d embeddings, %d people, %d bytes in %d chunks, signed by %s",
+        "gallery %s for site %s: %d embeddings, %d people, %d bytes in %d chunks, signed by %s, decision %s",
         release_text(manifest.release),
         manifest.site,
         manifest.count,
@@ -406,5 +514,6 @@ def build_publication(
         manifest.blob_size,
         manifest.chunk_count,
         manifest.key_id,
+        "the encoder's default" if gallery.decision is None else gallery.decision.rule.to_dict(),
     )
     return manifest, chunks

@@ -30,8 +30,11 @@ from enrollment_server.config import EnrollmentSection, UnknownVisitorsSection
 from enrollment_server.console.pages import console_pages
 from enrollment_server.console_api import console_views
 from enrollment_server.enrollment import Enroller
-from enrollment_server.store import AttendanceEvent, DeviceStatus, Store
+from enrollment_server.store import AttendanceEvent, DeviceStatus, SiteRule, Store
 from enrollment_server.visitors import Visitors
+from models.contract.gallery import SiteDecision
+from models.decision.rules import DecisionRule
+from models.face.encoders import DLIB_RESNET
 from models.face.pipeline import FacePipeline
 from models.imageio import encode_jpeg
 
@@ -72,7 +75,10 @@ def make_console(store: Store, pipeline: FacePipeline, *, sites: tuple[str, ...]
         max_upload_bytes=16 << 20,
         on_change=changes.append,
         devices_site=SITE,
-        routers=[console_views(visitors, stale_after_s=120.0), console_pages(default_site=SITE)],
+        routers=[
+            console_views(visitors, stale_after_s=120.0, default_rule=DLIB_RESNET.default_decision, fingerprint="fp"),
+            console_pages(default_site=SITE),
+        ],
     )
     return Console(TestClient(app, base_url=BASE), store, changes)
 
@@ -314,6 +320,33 @@ def test_doors_show_state_gallery_figures_last_event_and_flag_stale_ones(console
         "door-1",
         "door-2",
     ]
+
+
+def test_doors_show_the_sites_rule_in_one_line_and_each_doors_rule_in_force(console: Console) -> None:
+    store = console.store
+    store.ensure_site(SITE)
+    now = datetime.now(UTC)
+    reported = {"rule": "ratio", "threshold": 0.84, "max_distance": 0.5, "source": "site"}
+    store.upsert_device_status(DeviceStatus("door-1", SITE, "online", now, "0.1.0", 1, "fp", {"decision": reported}))
+    shown = console.get("/console/doors", params={"site": SITE}).json()
+    default = DLIB_RESNET.default_decision
+    assert shown["decision"]["source"] == "encoder default" and shown["decision"]["calibrated"] is None
+    assert shown["decision"]["summary"] == (
+        f"encoder default ({default.rule} {default.threshold:.2f}, cap {default.max_distance:.2f})"
+    )
+    assert shown["doors"][0]["decision"] == reported
+
+    decision = SiteDecision(DecisionRule.ratio(0.84, 0.5), 0.01, 212, 180, 3000, "2026-12-06T10:00:00Z")
+    store.set_site_rule(SiteRule(SITE, "fp", decision, fpir=0.0097, dir=0.91))
+    shown = console.get("/console/doors", params={"site": SITE}).json()["decision"]
+    assert shown["summary"] == (
+        "ratio 0.84, cap 0.50 — calibrated 2026-12-06 on 212 people / 3,000 strangers at 1 % strangers accepted"
+    )
+    assert shown["rule"] == {"rule": "ratio", "threshold": 0.84, "max_distance": 0.5} and shown["source"] == "site"
+    assert (shown["people"], shown["probes"], shown["strangers"], shown["target_fpir"]) == (212, 180, 3000, 0.01)
+    # a rule of another encoder is not what the doors get
+    store.set_site_rule(SiteRule(SITE, "other-encoder", decision, fpir=0.0097, dir=0.91))
+    assert console.get("/console/doors").json()["decision"]["source"] == "encoder default"
 
 
 # --- unknown visitors ---------------------------------------------------------------------------------------------

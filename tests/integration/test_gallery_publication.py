@@ -24,14 +24,15 @@ from waiting import wait_until
 
 from enrollment_server.gallery_publisher import GalleryPublisher, PublishedGallery
 from enrollment_server.ingest import Ingest
-from enrollment_server.store import Store
+from enrollment_server.store import SiteRule, Store
 from models.contract import topics
 from models.contract.assembler import GalleryAssembler
-from models.contract.gallery import Gallery, GalleryPerson, build_publication, signed_bytes
+from models.contract.gallery import Gallery, GalleryPerson, SiteDecision, build_publication, signed_bytes
 from models.contract.mqtt_link import InboundMessage, MqttConfig, MqttLink
 from models.contract.signing import Signer
 from models.contract.status import EdgeStatus, GalleryAck
 from models.contract.timestamps import utc_now
+from models.decision.rules import DecisionRule
 from models.errors import (
     ContractError,
     FingerprintMismatchError,
@@ -287,6 +288,25 @@ def test_republish_latest_resends_the_recorded_version_or_publishes_a_changed_on
     changed = publisher.republish_latest(SITE)
     assert changed.version == 2 and not changed.republished and changed.people == 2
     assert late.gallery().version == 2
+
+
+def test_a_changed_site_rule_is_a_new_publication_and_reaches_the_edge(
+    enrolled: Store, faces: Faces, signer, server_link, mosquitto, mqtt_links
+):
+    publisher = GalleryPublisher(enrolled, server_link, signer, faces.fingerprint, chunk_size=SMALL_CHUNK)
+    first = publisher.republish_latest(SITE)
+    assert publisher.republish_latest(SITE).republished  # nothing changed: the recorded version re-sent
+    decision = SiteDecision(DecisionRule.ratio(0.8, 0.55), 0.01, 3, 25, 400, "2026-12-06T10:00:00Z")
+    enrolled.set_site_rule(SiteRule(SITE, faces.fingerprint, decision, fpir=0.0075, dir=0.96))
+    changed = publisher.republish_latest(SITE)
+    # the same people, the same blob: only the rule changed, and that is a new release
+    assert not changed.republished and changed.version == first.version + 1 and changed.sha256 == first.sha256
+    got = edge(mosquitto, mqtt_links, signer, faces.fingerprint).subscribe().gallery()
+    assert got.version == changed.version and got.decision == decision
+    assert publisher.republish_latest(SITE).republished  # and then it is the recorded version again
+    assert enrolled.clear_site_rule(SITE)
+    cleared = publisher.republish_latest(SITE)
+    assert not cleared.republished and cleared.version == changed.version + 1
 
 
 def test_a_broker_that_lost_its_retained_messages_gets_the_gallery_again_on_reconnect(

@@ -106,11 +106,12 @@ def test_a_database_from_before_thumbnails_is_upgraded_with_its_templates_kept(d
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE templates DROP COLUMN thumbnail"))
         conn.execute(text("DROP TABLE unknown_faces"))
-        conn.execute(text("DELETE FROM schema_version WHERE version = 3"))
+        conn.execute(text("DROP TABLE site_decisions"))  # schema 4
+        conn.execute(text("DELETE FROM schema_version WHERE version >= 3"))
     engine.dispose()
     store = Store.open(db.url)
     try:
-        assert store.schema_version() == schema.LATEST_VERSION == 3
+        assert store.schema_version() == schema.LATEST_VERSION == 4
         [t] = store.list_templates(person_id="ann")
         assert not t.has_thumbnail and store.template_thumbnail(t.id) is None
         new = store.add_template(

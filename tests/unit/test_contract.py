@@ -24,6 +24,7 @@ from models.contract.gallery import (
     Gallery,
     GalleryManifest,
     GalleryPerson,
+    SiteDecision,
     build_publication,
     decode_blob,
     encode_blob,
@@ -34,6 +35,7 @@ from models.contract.signing import Signer, Verifier
 from models.contract.status import EdgeStatus, GalleryAck
 from models.contract.timestamps import normalise_utc
 from models.contract.unknown_face import UnknownFace, encode_crop
+from models.decision.rules import DecisionRule
 from models.errors import (
     ConfigError,
     ContractError,
@@ -757,6 +759,89 @@ def test_manifest_from_another_key_is_refused():
         read_manifest(unsigned.to_json(), trusted.verifier)
 
 
+# ---------------------------------------------------------------- the site's decision (1.1)
+
+SITE_DECISION = SiteDecision(DecisionRule.ratio(0.84, 0.5), 0.01, 212, 180, 3000, "2026-12-06T10:00:00Z")
+
+
+def test_manifest_with_and_without_a_site_decision_round_trips():
+    signer = Signer.generate()
+    plain, _ = build_publication(make_gallery(), signer)
+    assert "decision" not in json.loads(plain.to_json())  # absent, not null: the encoder's default
+    assert read_manifest(plain.to_json(), signer.verifier).site_decision is None
+    manifest, chunks = build_publication(dataclasses.replace(make_gallery(), decision=SITE_DECISION), signer)
+    obj = json.loads(manifest.to_json())
+    # numbers as decimal strings: the signed JSON stays free of floats
+    assert obj["decision"] == {
+        "rule": "ratio",
+        "threshold": "0.84",
+        "max_distance": "0.5",
+        "target_fpir": "0.01",
+        "people": 212,
+        "probes": 180,
+        "strangers": 3000,
+        "calibrated": "2026-12-06T10:00:00.000000Z",
+    }
+    read = read_manifest(manifest.to_json(), signer.verifier)
+    assert read.site_decision == SITE_DECISION and read.to_json() == manifest.to_json()
+    assert decode_blob(b"".join(chunks), read).decision == SITE_DECISION
+    # no cap (inf) and a distance rule (no max_distance key) survive the trip exactly
+    for rule in (DecisionRule.margin(0.07, float("inf")), DecisionRule.distance(0.4123456789)):
+        other = dataclasses.replace(SITE_DECISION, rule=rule)
+        m, _ = build_publication(dataclasses.replace(make_gallery(), decision=other), signer)
+        assert read_manifest(m.to_json(), signer.verifier).site_decision == other
+
+
+def test_the_signature_covers_the_site_decision():
+    signer = Signer.generate()
+    manifest, _ = build_publication(dataclasses.replace(make_gallery(), decision=SITE_DECISION), signer)
+    obj = json.loads(manifest.to_json())
+    for change in ({"threshold": "0.99"}, {"max_distance": "0.9"}, {"rule": "margin"}, {"strangers": 1}):
+        with pytest.raises(SignatureError):
+            read_manifest(wire(dict(obj, decision={**obj["decision"], **change})), signer.verifier)
+    removed = {k: v for k, v in obj.items() if k != "decision"}
+    with pytest.raises(SignatureError):  # stripping the site's rule is tampering too
+        read_manifest(wire(removed), signer.verifier)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"threshold": 0.84}, "decision.threshold must be a decimal string"),
+        ({"threshold": "nan"}, "decision.threshold must be a decimal string"),
+        ({"threshold": " 0.8"}, "decision.threshold must be a decimal string"),
+        ({"threshold": "1.5"}, "ratio threshold"),
+        ({"rule": "cosine"}, "unknown rule"),
+        ({"max_distance": "-1.0"}, "max_distance must be > 0"),
+        ({"target_fpir": "1.0"}, "target_fpir must be in"),
+        ({"people": -3}, "people must be an integer"),
+        ({"probes": "180"}, "probes must be an integer"),
+        ({"calibrated": "yesterday"}, "calibrated"),
+        ({"strangers": None}, "strangers must be an integer"),
+    ],
+)
+def test_a_malformed_site_decision_is_refused_on_decode(change, match):
+    signer = Signer.generate()
+    manifest, _ = build_publication(dataclasses.replace(make_gallery(), decision=SITE_DECISION), signer)
+    obj = json.loads(manifest.to_json())
+    obj["decision"] = {**obj["decision"], **change}
+    obj["signature"] = signer.sign_b64(signed_bytes(obj))  # genuinely signed: refused for its content
+    with pytest.raises(GalleryFormatError, match=match):
+        read_manifest(wire(obj), signer.verifier)
+    for broken in ("ratio 0.8", ["ratio"]):  # not an object: a wire-type error like any mistyped field
+        with pytest.raises(PayloadError, match="field 'decision' must be an object"):
+            GalleryManifest.from_json(wire(dict(obj, decision=broken)))
+    incomplete = {k: v for k, v in SITE_DECISION.to_wire().items() if k != "calibrated"}
+    with pytest.raises(GalleryFormatError, match="decision lacks calibrated"):
+        GalleryManifest.from_json(wire(dict(obj, decision=incomplete)))
+
+
+def test_a_distance_rule_with_a_cap_is_refused():
+    wire_form = dict(SITE_DECISION.to_wire(), rule="distance", threshold="0.5")
+    with pytest.raises(GalleryFormatError, match="max_distance applies to the ratio and margin rules only"):
+        SiteDecision.from_wire(wire_form)
+
+
 # ---------------------------------------------------------------- assembler
 
 
@@ -1074,6 +1159,7 @@ def test_unknown_face_size_is_checked_before_parsing():
 GOLDEN_ROOT = Path(__file__).resolve().parents[1] / "golden"
 GOLDEN = GOLDEN_ROOT / SCHEMA_VERSION
 GOLDEN_KEY_SEED = hashlib.sha256(b"faceattend golden test key (public, never use in deployment)").digest()
+GOLDEN_DECISION = SiteDecision(DecisionRule.ratio(0.84, 0.5), 0.01, 2, 1, 130, "2026-01-02T02:00:00Z")
 KINDS = {
     "attendance_event.json": AttendanceEvent,
     "attendance_event_unknown.json": AttendanceEvent,
@@ -1106,8 +1192,20 @@ def golden_signer() -> Signer:
 def golden_gallery() -> Gallery:
     emb = (np.arange(3 * 4, dtype=np.float32).reshape(3, 4) - 5.5) / 8  # exact in float32 and float16
     people = (GalleryPerson("p-0001", "Ada Lovelace"), GalleryPerson("p-0002", "Émile Zoë"))
-    # epoch 2026-01-01T00:00:00Z in ms (1.1); a 1.0 folder's manifest has none and decodes as epoch 0
-    return Gallery(SITE, 7, FP, "euclidean", "float16", emb, np.array([0, 1, 1]), people, epoch=1_767_225_600_000)
+    # epoch 2026-01-01T00:00:00Z in ms (1.1) and the site's rule (1.1); a 1.0 folder's manifest has neither and
+    # decodes as epoch 0 under the encoder's default rule
+    return Gallery(
+        SITE,
+        7,
+        FP,
+        "euclidean",
+        "float16",
+        emb,
+        np.array([0, 1, 1]),
+        people,
+        epoch=1_767_225_600_000,
+        decision=GOLDEN_DECISION,
+    )
 
 
 def golden_payloads() -> dict[str, bytes]:
@@ -1177,9 +1275,10 @@ def test_every_older_golden_of_this_major_still_decodes(folder: Path):
     ack = GalleryAck.from_json((folder / "gallery_ack.json").read_bytes())
     edge = EdgeStatus.from_json((folder / "edge_status.json").read_bytes())
     if folder.name == "1.0":
-        assert (manifest.epoch, ack.epoch, edge.gallery_epoch) == (0, None, None)
+        assert (manifest.epoch, ack.epoch, edge.gallery_epoch, manifest.site_decision) == (0, None, None, None)
     else:
         assert manifest.release == (1_767_225_600_000, 7) and ack.epoch == edge.gallery_epoch == manifest.epoch
+        assert manifest.site_decision == GOLDEN_DECISION
 
 
 @pytest.mark.parametrize("folder", golden_versions(), ids=lambda d: d.name)
@@ -1191,6 +1290,7 @@ def test_golden_gallery_verifies_with_the_published_key(folder: Path):
     msgs = [(topics.gallery_blob(SITE, i), blob[i * 32 : (i + 1) * 32]) for i in range(manifest.chunk_count)]
     done = feed_all(asm, [*msgs, (topics.gallery_manifest(SITE), (folder / "gallery_manifest.json").read_bytes())])
     assert len(done) == 1 and same(done[0], golden_gallery())
+    assert done[0].decision == (None if folder.name == "1.0" else GOLDEN_DECISION)
 
 
 # ---------------------------------------------------------------- MQTT config (the link itself: tests/integration)

@@ -186,6 +186,10 @@ def test_check_config_cli(site: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["check-config", str(write(site, minimal()))]) == 0
     out = capsys.readouterr().out
     assert '"ok": true' in out and '"device_id": "door-1"' in out
+    assert '"decision_source": "encoder default"' in out  # no decision section: a site's rule may replace it
+    pinned = minimal() | {"decision": {"rule": "distance", "threshold": 0.5}}
+    assert main(["check-config", str(write(site, pinned))]) == 0
+    assert '"decision_source": "config"' in capsys.readouterr().out
     data = minimal()
     data["cameras"] = [{"name": "a", "source": "rtsp://admin:hunter2@10.1.1.1/live"}]
     assert main(["check-config", str(write(site, data))]) == 0

@@ -25,11 +25,12 @@ from edge_agent.recognition.recognizer import (
     SampleQuality,
     TrackDecision,
     Trigger,
+    rule_in_force,
     vote,
 )
 from edge_agent.recognition.tracker import Tracker, TrackerConfig, TrackUpdate
 from models.config import load_dataclass
-from models.contract.gallery import Gallery, GalleryPerson
+from models.contract.gallery import Gallery, GalleryPerson, SiteDecision
 from models.decision.rules import DecisionRule
 from models.errors import ConfigError, RecognitionError
 from models.face.quality import LOW_CONFIDENCE, OFF_FRONTAL, TOO_BLURRED, TOO_SMALL
@@ -60,7 +61,7 @@ def stranger(seed: int) -> np.ndarray:
     return (0.8 * unit(np.random.default_rng(5000 + seed))).astype(np.float32)
 
 
-def index_of(people: Sequence[str], version: int = 1) -> GalleryIndex:
+def index_of(people: Sequence[str], version: int = 1, decision: SiteDecision | None = None) -> GalleryIndex:
     vectors = np.stack([CENTRES[p] for p in people]).astype(np.float32)
     gallery = Gallery(
         "hq",
@@ -71,6 +72,7 @@ def index_of(people: Sequence[str], version: int = 1) -> GalleryIndex:
         vectors,
         np.arange(len(people), dtype=np.int32),
         tuple(GalleryPerson(p, p.title()) for p in people),
+        decision=decision,
     )
     return GalleryIndex.build(gallery)
 
@@ -118,6 +120,36 @@ def run(config: RecognitionConfig | None = None, tracker: TrackerConfig | None =
 
 # --- vote ---------------------------------------------------------------------------------------------------------
 RULE = DecisionRule.distance(0.55)
+
+
+# --- which rule decides: the config's, else the site's from the gallery, else the encoder's default --------------
+STRICT_SITE = SiteDecision(DecisionRule.distance(0.3), 0.01, 3, 40, 500, "2026-12-06T10:00:00Z")
+
+
+@pytest.mark.parametrize(
+    ("site_rules", "decision", "expected", "source"),
+    [
+        (True, STRICT_SITE, STRICT_SITE.rule, "site"),
+        (True, None, DEFAULT_RULE, "encoder default"),
+        (False, STRICT_SITE, DEFAULT_RULE, "config"),  # an explicit config rule wins over the site's
+    ],
+)
+def test_the_rule_in_force_and_its_source(site_rules, decision, expected, source) -> None:
+    index = index_of(["alice", "bob", "carol"], decision=decision)
+    assert rule_in_force(DEFAULT_RULE, index, site_rules=site_rules) == (expected, source)
+    recognizer = Recognizer("door", RecognitionConfig(min_samples=3), fingerprint=FP, site_rules=site_rules)
+    r = Run(recognizer, Tracker(None, camera="door"))
+    decisions = [d for i in range(30) for d in r.frame([(det(100 + i), near("alice", 0.35, i), 0.9)], index)[2]]
+    decisions += r.end(index)
+    [d] = decisions
+    assert (d.rule, d.threshold) == (expected.rule, expected.max_distance or expected.threshold)
+    # alice at 0.35: the default margin rule (cap 0.55) lets her in, the site's strict distance 0.3 does not
+    assert d.person_id == (None if source == "site" else "alice")
+    assert d.reason is (DecisionReason.REJECTED if source == "site" else DecisionReason.ACCEPTED)
+
+
+def test_no_gallery_decides_under_the_encoder_default() -> None:
+    assert rule_in_force(DEFAULT_RULE, None, site_rules=True) == (DEFAULT_RULE, "encoder default")
 
 
 def test_vote_accepts_a_consistent_track_with_mean_distance_and_margin() -> None:

@@ -1,5 +1,6 @@
-// Doors: every device with its online state, applied gallery version and lag, fps, outbox depth, last status and
-// last event; stale devices (online by their last status, silent since) flagged. Refreshed every 5 s.
+// Doors: the site's decision rule in one line, every device with its online state, applied gallery version and lag,
+// the rule it reports in force, fps, outbox depth, last status and last event; stale devices (online by their last
+// status, silent since) flagged. Refreshed every 5 s.
 "use strict";
 
 (() => {
@@ -38,6 +39,8 @@
         tile("Stale", stale, stale ? "warn" : ""),
         tile("Offline", down, down ? "bad" : ""),
         tile("Gallery not current", behind, behind ? "warn" : "")),
+      el("p", { id: "site-decision", class: "muted" }, `Decision at ${data.decision.site}: `, el("strong", {}, data.decision.summary),
+        data.decision.source === "site" ? "" : " (enrollment-server calibrate --apply fits the site's own)"),
       el("div", { class: "toolbar" },
         el("span", { class: "muted small" }, `A door is stale when it says online but the server has not heard from it for ${Math.round(data.stale_after_s)} s. Refreshed every 5 s.`),
         el("span", { class: "grow" }), toggle),
@@ -69,7 +72,15 @@
   function gallery(d) {
     const applied = d.gallery_version === null ? "none" : `v${d.gallery_version}`;
     const latest = d.latest_version === null ? "" : ` of v${d.latest_version}`;
-    return el("div", {}, `${applied}${latest} `, syncBadge(d));
+    return el("div", {}, `${applied}${latest} `, syncBadge(d), ruleLine(d.decision));
+  }
+
+  // the rule the door reports in force, and where it comes from (its config, the site's, the encoder's default)
+  function ruleLine(r) {
+    if (!r) return null;
+    const t = r.threshold === null ? "inf" : r.threshold.toFixed(2);
+    const cap = r.max_distance === null ? "" : `, cap ${r.max_distance.toFixed(2)}`;
+    return el("div", { class: "muted small" }, `${r.rule} ${t}${cap} (${r.source})`);
   }
 
   // where the door's gallery stands against the site's newest release (enrollment_server.store.SYNC_STATES)
