@@ -338,7 +338,7 @@ def load_decision_fragment(path: str | Path) -> DecisionRule:
 
 def read_decision(value: str) -> DecisionRule:
     """A rule from the command line: a YAML file with a ``decision`` section (a config, ``calibrate``'s fragment), or
-    inline YAML, either that section or the mapping itself (``{rule: ratio, threshold: 0.84, max_distance: 0.5}``)."""
+    inline YAML, either that section or the mapping itself (``{rule: ratio, threshold: 0.82, max_distance: 0.5}``)."""
     import yaml
 
     path = Path(value)
@@ -353,6 +353,6 @@ def read_decision(value: str) -> DecisionRule:
     if not isinstance(data, dict):
         raise ConfigError(
             f"decision {value!r}: expected a file or a mapping such as "
-            "'{rule: ratio, threshold: 0.84, max_distance: 0.5}'"
+            "'{rule: ratio, threshold: 0.82, max_distance: 0.5}'"
         )
     return DecisionRule.from_dict(data)

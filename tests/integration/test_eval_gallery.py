@@ -27,7 +27,7 @@ def test_eval_at_a_gallery_size_beside_the_peer_and_again_from_the_cache(
     assert main([*argv, "--peer", "on", *extra]) == EXIT_OK
     printed = capsys.readouterr().out
     assert "thresholds calibrated on a disjoint split: 7 calibration strangers" in printed
-    assert "shipped default: ratio 0.84, cap 0.5" in printed and "--decision: distance 0.5" in printed
+    assert "shipped default: ratio 0.82, cap 0.5" in printed and "--decision: distance 0.5" in printed
     assert "faceattend" in printed and "face_recognition" in printed
 
     data = json.loads(summary.read_text())

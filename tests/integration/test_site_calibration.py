@@ -42,12 +42,12 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def generate_site(
     config: Path, database: str, *, people: int, second_photos: int, unknown: int, seed: int = 0, site: str = SITE
 ) -> str:
-    """Synthetic dlib-like faces: a person's photos lie about 0.25 apart, different people about 0.65 (their
-    centres 0.42 from the origin in random directions), so strangers come under the 0.6 cap and the rule's
-    threshold has to tell them apart."""
+    """Synthetic dlib-like faces: a person's photos lie about 0.25 apart, different people about 0.5 (their
+    centres 0.32 from the origin in random directions), so strangers come under the encoder's 0.5 cap and the
+    rule's threshold has to tell them apart."""
     fingerprint = c.fingerprint(load_config(str(config)))
     rng = np.random.default_rng(seed)
-    centres = 0.42 * _unit(rng, people + unknown)
+    centres = 0.32 * _unit(rng, people + unknown)
     store = st.Store.open(database)
     try:
         store.ensure_site(site)
@@ -112,7 +112,7 @@ def test_calibrate_apply_publish_and_reset(cli: Cli):
     [fit] = out
     assert (fit["people"], fit["genuine_probes"], fit["strangers"]) == (80, 40, 60 + 120)
     assert (fit["unknown_faces"], fit["leave_one_out"], fit["fingerprint"]) == (60, 120, fingerprint)
-    assert fit["decision"]["rule"] == "ratio" and fit["decision"]["max_distance"] == 0.6  # the encoder's cap kept
+    assert fit["decision"]["rule"] == "ratio" and fit["decision"]["max_distance"] == 0.5  # the encoder's cap kept
     assert 0 < fit["decision"]["threshold"] < 1 and fit["fpir"] <= 0.01 and fit["resolvable"] is True
     assert fit["strangers_accepted"] <= 1 and fit["dir"] > 0.8
     assert fit["applied"] is False and "run again with --apply" in err

@@ -175,5 +175,5 @@ def test_run_over_seeds_reports_mean_and_spread_for_every_system() -> None:
     assert len(data["per_seed"]) == 6 and "curves" in data["per_seed"][0]
     text = report.format()
     assert "rank-1: a 1.000±0.000; b 1.000±0.000" in text
-    assert "shipped default: ratio 0.84, cap 0.5" in text and "in-sample" in text
+    assert "shipped default: ratio 0.82, cap 0.5" in text and "in-sample" in text
     assert all(math.isfinite(r.rank1) for r in report.results)
