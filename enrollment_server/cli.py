@@ -1,7 +1,8 @@
 """enrollment-server: the admin's command line and the server process.
 
-Exit codes: 0 done, 1 done but some photos were rejected (each with its reason), 2 bad usage / invalid input /
-fatal error, 3 the broker could not be reached (the change itself is stored).
+Exit codes: 0 done, 1 done but some photos were rejected (each with its reason; for reencode: some templates
+could not be made again), 2 bad usage / invalid input / fatal error, 3 the broker could not be reached (the change
+itself is stored).
 """
 
 from __future__ import annotations
@@ -231,6 +232,26 @@ _SYNC_NOTES = {
 }
 
 
+def cmd_reencode(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from tqdm import tqdm
+
+    from enrollment_server.reencode import Reencoder
+
+    site = args.site or cfg.site
+    store = c.open_store(cfg)
+    reencoder = Reencoder(store, c.make_enroller(cfg, store).pipeline)
+    total = sum(t.encoder_fingerprint != reencoder.fingerprint for t in store.list_templates(site_id=site))
+    with tqdm(total=total, unit="template", desc="reencode", file=sys.stderr, disable=args.quiet) as bar:
+        report = reencoder.run(site, dry_run=args.dry_run, progress=bar.update)
+    print(json.dumps({"reencode": report.to_json()}))
+    for left in report.left:
+        print(f"enrollment-server: template {left.template_id} of {left.person_id}: {left.reason}", file=sys.stderr)
+    code = EXIT_PARTIAL if report.left else EXIT_OK
+    if report.reencoded and not args.dry_run:
+        code = max(code, _after_change(args, cfg, store, site))
+    return code
+
+
 def cmd_devices(args: argparse.Namespace, cfg: ServerConfig) -> int:
     devices = c.open_store(cfg).list_devices(args.site)
     rows = [
@@ -343,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     action = p.add_mutually_exclusive_group()
     action.add_argument("--apply", action="store_true", help="store the rule: the site's galleries carry it")
     action.add_argument("--reset", action="store_true", help="drop the site's rule: back to the encoder default")
+    p = add(
+        "reencode",
+        cmd_reencode,
+        "make templates of another encoder (e.g. from before an upgrade) again from the kept photos or face chips",
+        publishes=True,
+    )
+    p.add_argument("--dry-run", action="store_true", help="report what could be made again; store nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = add("devices", cmd_devices, "edge devices: online state, applied gallery version, lag")
     p.add_argument("--json", action="store_true")
     p = add("report", cmd_report, "first / last seen per person and day")

@@ -91,6 +91,7 @@ class _Candidate:
     embedding: np.ndarray
     figures: q.FaceFigures
     thumbnail: bytes | None
+    note: str = ""  # what the gate chose, e.g. "the largest of 3 faces"
 
 
 class Enroller:
@@ -209,7 +210,8 @@ class Enroller:
                     )
                 )
                 continue
-            results.append(PhotoResult(c.source, True, None, "enrolled", c.figures, template_id=template.id))
+            message = f"enrolled ({c.note})" if c.note else "enrolled"
+            results.append(PhotoResult(c.source, True, None, message, c.figures, template_id=template.id))
         log.info(
             "enroll %s at %s: %d of %d photos added", person_id, site, sum(r.accepted for r in results), len(photos)
         )
@@ -233,7 +235,13 @@ class Enroller:
         face = verdict.face  # the photo's one face, or its dominant one
         thumbnail = encode_jpeg(chips[face], THUMBNAIL_QUALITY) if self.config.keep_thumbnails else None
         return PhotoResult(source, True, None, verdict.message, verdict.figures), _Candidate(
-            source, data, q.image_sha256(data), faces[face].embedding, verdict.figures, thumbnail
+            source,
+            data,
+            q.image_sha256(data),
+            faces[face].embedding,
+            verdict.figures,
+            thumbnail,
+            verdict.message.removeprefix("ok").removeprefix(": "),
         )
 
     def _belong_to_person(

@@ -268,15 +268,13 @@ class GalleryPublisher:
 
     def _publish_new(self, site: str, start: float) -> PublishedGallery:
         data = self._store.site_embeddings(site, self._fingerprint)
-        foreign = self._store.count_templates(site_id=site) - self._store.count_templates(
-            site_id=site, fingerprint=self._fingerprint
-        )
+        foreign = self._store.count_foreign_templates(site, self._fingerprint)
         if foreign:
-            # e.g. made before an upgrade changed the encoder's space (issue 13's flip averaging): those people are
-            # not recognised until enrolled again, which the admin must know
+            # e.g. made before an upgrade changed the encoder's space (issue 13's flip averaging): their people are
+            # not recognised by them until they are made again, which the admin must know
             log.warning(
                 "site %s: %d templates were made by another encoder than %s and are left out of the gallery: "
-                "enroll those people again",
+                "run `enrollment-server reencode` (it makes them again from kept photos or face chips)",
                 site,
                 foreign,
                 self._fingerprint,

@@ -53,7 +53,7 @@ class SiteCalibration:
 
 def describe_rule(default: DecisionRule, site: SiteDecision | None) -> str:
     """The site's rule in one line for people: "ratio 0.84, cap 0.50 — calibrated 2026-12-06 on 212 people /
-    3,000 strangers at 1 % strangers accepted", or "encoder default (margin 0.05, cap 0.55)"."""
+    3,000 strangers at 1 % strangers accepted", or "encoder default (ratio 0.82, cap 0.50)"."""
 
     def rule_text(rule: DecisionRule) -> str:
         text = f"{rule.rule} {rule.threshold:.2f}" if math.isfinite(rule.threshold) else f"{rule.rule} inf"

@@ -318,6 +318,17 @@ class AttendanceEvent:
     snapshot: str | None = None  # a reference, never image bytes
 
 
+def _embedding_vector(embedding: np.ndarray) -> np.ndarray:
+    """A template's embedding as stored: float32 little-endian; StoreValueError unless a finite 1-D vector."""
+    vector = np.asarray(embedding)
+    if vector.ndim != 1 or vector.shape[0] == 0 or not np.issubdtype(vector.dtype, np.number):
+        raise StoreValueError(f"embedding must be a non-empty 1-D numeric vector, got shape {vector.shape}")
+    vector = vector.astype("<f4")
+    if not np.all(np.isfinite(vector)):
+        raise StoreValueError("embedding holds NaN or infinite values")
+    return vector
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     event: AttendanceEvent
@@ -815,12 +826,7 @@ class Store:
         Raises ConflictError when this person already has a template from the same image (sha256), NotFoundError
         for an unknown person, StoreValueError for an embedding that is not a finite 1-D vector.
         """
-        vector = np.asarray(embedding)
-        if vector.ndim != 1 or vector.shape[0] == 0 or not np.issubdtype(vector.dtype, np.number):
-            raise StoreValueError(f"embedding must be a non-empty 1-D numeric vector, got shape {vector.shape}")
-        vector = vector.astype("<f4")
-        if not np.all(np.isfinite(vector)):
-            raise StoreValueError("embedding holds NaN or infinite values")
+        vector = _embedding_vector(embedding)
         digest = _sha256(image_sha256, "image_sha256")
         _ident(encoder_fingerprint, "encoder_fingerprint")
         quality = quality or TemplateQuality()
@@ -900,6 +906,33 @@ class Store:
     ) -> int:
         where = self._template_filter(person_id, site_id, fingerprint)
         query = select(func.count()).select_from(templates).where(*where)
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def replace_embedding(self, template_id: int, embedding: np.ndarray, *, encoder_fingerprint: str) -> None:
+        """Give a template the embedding of the same face under another encoder (`enrollment-server reencode`); its
+        photo, thumbnail and quality figures stay. NotFoundError for an unknown template, StoreValueError for an
+        embedding that is not a finite 1-D vector."""
+        vector = _embedding_vector(embedding)
+        _ident(encoder_fingerprint, "encoder_fingerprint")
+        values = {
+            "embedding": vector.tobytes(),
+            "dim": int(vector.shape[0]),
+            "encoder_fingerprint": encoder_fingerprint,
+        }
+        with self._write() as conn:
+            updated = conn.execute(templates.update().where(templates.c.id == template_id).values(**values)).rowcount
+        if updated == 0:
+            raise NotFoundError(f"no template {template_id}")
+
+    def count_foreign_templates(self, site_id: str, fingerprint: str) -> int:
+        """Templates of the site's active people made under another encoder fingerprint: left out of its galleries."""
+        active = select(people.c.person_id).where(people.c.site_id == site_id, people.c.active)
+        query = (
+            select(func.count())
+            .select_from(templates)
+            .where(templates.c.person_id.in_(active), templates.c.encoder_fingerprint != fingerprint)
+        )
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 

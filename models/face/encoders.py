@@ -126,7 +126,8 @@ DLIB_RESNET: Final = EncoderSpec(
     # strangers better than the distance (DIR at 1 % FPIR: 0.65 against 0.77); flip averaging added 4-6 points to
     # every rule. d1/d2 <= 0.82 recognises 74.5 % and lets in 0.96 % of strangers; the 0.5 cap keeps a small
     # gallery (where d2 is large and the ratio small) from accepting a far face, so one rule holds from a handful
-    # of people to 500. The previous default (margin 0.05, cap 0.55) let in 7.2 % of strangers at that size.
+    # of people to 500. The previous default (margin 0.05, cap 0.55) let in 7.2 % of strangers at that size (8.5 %
+    # on the flip-averaged embeddings).
     default_decision=DecisionRule.ratio(0.82, max_distance=0.5),
     # each at about 1 % FPIR on the same protocol (distance 1.1 %, margin 1.0 %)
     rule_defaults=(DecisionRule.distance(0.42), DecisionRule.ratio(0.82, 0.5), DecisionRule.margin(0.1, 0.5)),

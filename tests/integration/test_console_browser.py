@@ -374,7 +374,7 @@ def test_name_an_unknown_visitor_and_see_them_recognised_at_the_next_door_event(
         assert wait_until(lambda: "alex" in page.inner_text(f'tr[data-device="{device}"]').lower(), timeout=15)
         row = page.inner_text(f'tr[data-device="{device}"]')
         assert "online" in row and "current" in row
-        assert "(encoder default)" in row  # the rule the door reports in force, and its source
+        assert "ratio 0.82, cap 0.60 (config)" in row  # the rule the door reports in force, and its source
         assert page.inner_text("#site-decision").startswith(f"Decision at {SITE}: encoder default (")
         console.shot("06-doors")
 

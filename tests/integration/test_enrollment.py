@@ -65,6 +65,24 @@ def test_enroll_accepts_good_photos_and_says_why_others_fail(enroller):
     assert len(stored) == report.added and all(t.encoder_fingerprint == enroller.fingerprint for t in stored)
 
 
+def test_a_portrait_with_a_small_face_behind_enrolls_its_subject_and_says_so(enroller):
+    """Issue 13: the dominant face is enrolled (its embedding, its chip), and the verdict says the gate chose it."""
+    portrait = load_image(facesets.photos("Barack_Obama")[0])
+    h, w = portrait.shape[:2]
+    canvas = np.zeros((h, w + w // 3, 3), np.uint8)
+    canvas[:, :w] = portrait
+    behind = load_image(facesets.photos("Angelina_Jolie")[0])
+    canvas[h // 3 : h // 3 + h // 3, w : w + w // 3] = cv2.resize(
+        behind, (w // 3, h // 3), interpolation=cv2.INTER_AREA
+    )
+    report = enroller.enroll("obama", "Barack Obama", "hq", [("crowd.png", _png(canvas))])
+    (result,) = report.results
+    assert result.accepted and result.message == "enrolled (the largest of 2 faces)"
+    (alone,) = enroller.pipeline.embed(portrait)
+    (stored,) = enroller.store.list_templates(person_id="obama")
+    assert float(np.linalg.norm(stored.embedding - alone.embedding)) < 0.1
+
+
 def test_the_same_image_again_is_a_duplicate(enroller):
     photo = _blob(facesets.photos("Barack_Obama")[0])
     assert enroller.enroll("obama", "Barack Obama", "hq", [photo]).added == 1

@@ -217,7 +217,7 @@ def test_templates_of_another_encoder_are_left_out_and_the_admin_is_told(
     assert (published.count, published.people) == (2, 1)
     assert [p.person_id for p in watcher.gallery().people] == ["ann"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"3 templates were made by another encoder than {SYNTHETIC_FP}" in warning and "enroll those" in warning
+    assert f"3 templates were made by another encoder than {SYNTHETIC_FP}" in warning and "reencode" in warning
 
 
 def test_empty_site_publishes_an_empty_gallery(store: Store, signer, server_link, mosquitto, mqtt_links):

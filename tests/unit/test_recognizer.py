@@ -143,7 +143,7 @@ def test_the_rule_in_force_and_its_source(site_rules, decision, expected, source
     decisions += r.end(index)
     [d] = decisions
     assert (d.rule, d.threshold) == (expected.rule, expected.max_distance or expected.threshold)
-    # alice at 0.35: the default margin rule (cap 0.55) lets her in, the site's strict distance 0.3 does not
+    # alice at 0.35: the default ratio rule (cap 0.5) lets her in, the site's strict distance 0.3 does not
     assert d.person_id == (None if source == "site" else "alice")
     assert d.reason is (DecisionReason.REJECTED if source == "site" else DecisionReason.ACCEPTED)
 
