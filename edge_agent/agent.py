@@ -138,7 +138,7 @@ class EdgeAgent:
         self.unknown_faces: UnknownFaceSharer | None = None  # only when the site shares unknown visitors' faces
         self.gate = AttendanceGate(cfg.attendance)
         self._parts: dict[str, Any] = {}  # started parts by name, stopped in _STOP_ORDER
-        self._override_logged = False  # the config's rule over the site's: said once
+        self._override_logged = False  # the config's rule over the site's: said once (under _lock)
 
     # ---- lifecycle ----
 
@@ -413,8 +413,7 @@ class EdgeAgent:
 
     def _note_site_rule(self, index: GalleryIndex) -> None:
         site = index.gallery.decision
-        if site is not None and self.cfg.decision is not None and not self._override_logged:
-            self._override_logged = True
+        if site is not None and self.cfg.decision is not None and self._first_override():
             log.warning(
                 "the config's decision %s overrides the site's calibrated rule %s (calibrated %s); remove the "
                 "config's decision section to apply the site's",
@@ -424,6 +423,13 @@ class EdgeAgent:
             )
         elif site is not None and self.cfg.decision is None:
             log.info("decision: the site's calibrated rule %s (calibrated %s)", site.rule.to_dict(), site.calibrated)
+
+    def _first_override(self) -> bool:
+        """True once only: the start path and the gallery-sync thread both note the site's rule."""
+        with self._lock:
+            first = not self._override_logged
+            self._override_logged = True
+        return first
 
     def health(self) -> dict[str, Any]:
         sync = dataclasses.asdict(self.sync.status())

@@ -184,6 +184,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg: ServerConfig) -> int:
     from datetime import datetime, timezone
 
     from enrollment_server.site_calibration import calibrate_site
+    from models.face.encoders import encoder_spec
 
     site = args.site or cfg.site
     store = c.open_store(cfg)
@@ -194,7 +195,13 @@ def cmd_calibrate(args: argparse.Namespace, cfg: ServerConfig) -> int:
         return _after_change(args, cfg, store, site) if cleared else EXIT_OK
     fingerprint = c.fingerprint(cfg)
     result = calibrate_site(
-        store, site, fingerprint, _calibration_rule(cfg, args.rule), args.fpir, now=datetime.now(timezone.utc)
+        store,
+        site,
+        fingerprint,
+        _calibration_rule(cfg, args.rule),
+        args.fpir,
+        default=encoder_spec(cfg.enrollment.encoder).default_decision,
+        now=datetime.now(timezone.utc),
     )
     point = result.point
     print(
@@ -212,11 +219,28 @@ def cmd_calibrate(args: argparse.Namespace, cfg: ServerConfig) -> int:
                 "strangers": result.decision.strangers,
                 "unknown_faces": result.unknown_faces,
                 "leave_one_out": result.leave_one_out,
+                # the threshold each stranger set gives; the stricter is the decision's
+                "fitted": {
+                    "leave_one_out": result.leave_one_out_threshold,
+                    "unknown_faces": result.unknown_faces_threshold,
+                },
+                "in_force": {
+                    "source": result.in_force_source,
+                    "decision": result.in_force.to_dict(),
+                    "strangers_accepted": result.in_force_accepted,
+                },
+                "looser_than_in_force": result.looser,
                 "fingerprint": fingerprint,
                 "applied": args.apply,
             }
         )
     )
+    if result.looser:
+        print(
+            f"warning: the fitted rule accepts {point.n_strangers_accepted} of these {point.n_strangers} strangers, "
+            f"the rule in force ({result.in_force_source}) {result.in_force_accepted}: applying it loosens the doors",
+            file=sys.stderr,
+        )
     if not args.apply:
         print("not stored: run again with --apply to publish this rule to the site's doors", file=sys.stderr)
         return EXIT_OK

@@ -44,8 +44,9 @@ from enrollment_server.api import (
     time_zone,
 )
 from enrollment_server.site_calibration import describe_rule
-from enrollment_server.store import Device, SiteRule
+from enrollment_server.store import Device
 from enrollment_server.visitors import VisitorAction, VisitorGroup, Visitors
+from models.contract.gallery import SiteDecision
 from models.contract.timestamps import parse_utc
 from models.decision.rules import DecisionRule
 from models.errors import NotFoundError
@@ -273,8 +274,7 @@ def _rule_out(rule: DecisionRule) -> DecisionRuleOut:
     return DecisionRuleOut(rule=rule.rule, threshold=finite(rule.threshold), max_distance=finite(rule.max_distance))
 
 
-def _decision_out(site: str, default: DecisionRule, rule: SiteRule | None) -> ConsoleDecisionOut:
-    d = None if rule is None else rule.decision
+def _decision_out(site: str, default: DecisionRule, d: SiteDecision | None) -> ConsoleDecisionOut:
     return ConsoleDecisionOut(
         site=site,
         source="encoder default" if d is None else "site",
@@ -457,18 +457,12 @@ def console_views(
         @router.get("/console/doors", tags=["console"])
         def console_doors(site: SiteId | None = None) -> ConsoleDoorsOut:
             """Every device (of one site, or all): state, gallery, figures of its last status, last event."""
-            if site is not None:
-                service.known_site(site)
+            shown = service.known_site(site)  # the server's own site when none is named
             now = datetime.now(timezone.utc)
             last = store.last_events(site)
             doors = [_door_out(d, last.get(d.device_id), now, stale_after_s) for d in store.list_devices(site)]
-            shown = service.known_site(site)
-            rule = store.site_rule(shown)
-            if rule is not None and rule.fingerprint != fingerprint:
-                rule = None  # not published (enrollment_server.gallery_publisher): the doors run the default
-            return ConsoleDoorsOut(
-                stale_after_s=stale_after_s, decision=_decision_out(shown, default_rule, rule), doors=doors
-            )
+            decision = _decision_out(shown, default_rule, store.site_decision(shown, fingerprint))
+            return ConsoleDoorsOut(stale_after_s=stale_after_s, decision=decision, doors=doors)
 
         # -- unknown visitors --------------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ person already has adds nothing. Identity checks, skipped only when the admin in
   whom the site's own rule would let in as someone enrolled, is flagged as a probable duplicate identity and not
   created;
 - a photo added to an *existing* person is refused on its own when it matches someone else enrolled (probable
-  duplicate identity), or when it is farther than `same_person_distance` from every template the person already
-  has (`not_this_person`): a mixed-up upload must not enrol another person, or a stranger nobody enrolled, under
-  that name. Their other photos still go in.
+  duplicate identity: within that distance of someone else, or let in as someone else by the site's rule applied
+  to the whole gallery, that person included, as a door would), or when it is farther than
+  `same_person_distance` from every template the person already has (`not_this_person`): a mixed-up upload must
+  not enrol another person, or a stranger nobody enrolled, under that name. Their other photos still go in.
 
 The identity checks use the same open-set decision rules as the edges (models.decision.rules): the
 duplicate-identity distance, and the site's own calibrated rule where it has one (`enrollment-server calibrate`).
@@ -302,30 +303,32 @@ class Enroller:
         return min(hits, key=lambda h: h[1]) if hits else None
 
     def _others_matched(self, site: str, person_id: str, embeddings: np.ndarray) -> list[tuple[str, float] | None]:
-        """Per embedding, the person other than `person_id` the identity rule accepts it as (with the distance)."""
+        """Per embedding, the person other than `person_id` it is taken for (with the distance): someone else
+        within the duplicate-identity distance, or someone else the site's own rule would let it in as at a door.
+
+        The door sees the whole gallery, `person_id` included when they are enrolled: a new photo of an enrolled
+        person that the door would let in as that person is no one else's face. The site's rule accepts only
+        d1 <= its cap (ratio, margin) or threshold (distance), so it flags more than the duplicate-identity
+        distance only where that bound is the larger; with dlib's defaults (cap = duplicate distance = 0.5) a
+        ratio or margin rule adds nothing, a lenient site distance rule does.
+        """
         gallery = self.store.site_embeddings(site, self.fingerprint)
-        others = [i for i, label in enumerate(gallery.labels) if label != person_id]
-        if not others:
+        labels = np.array(gallery.labels, dtype=object)
+        others = labels != person_id
+        if not others.any():
             return [None] * len(embeddings)
-        labels = [gallery.labels[i] for i in others]
-        nb = Neighbours.from_embeddings(embeddings, gallery.embeddings[others], labels)
-        accepted = np.zeros(len(nb), dtype=bool)
-        for rule in self._identity_rules(site):
-            accepted |= rule.accepts(nb)
-        nearest = self._identity_rule.decide(nb)  # the candidate and its distance, whichever rule accepted
+        nb = Neighbours.from_embeddings(embeddings, gallery.embeddings[others], labels[others])
+        accepted = self._identity_rule.accepts(nb)
+        site_rule = self.store.site_decision(site, self.fingerprint)
+        if site_rule is not None:
+            door = Neighbours.from_embeddings(embeddings, gallery.embeddings, labels)
+            # when the door's nearest is someone else, it is the nearest other person in `nb` too
+            accepted |= site_rule.rule.accepts(door) & (door.label1 != person_id)
+        nearest = self._identity_rule.decide(nb)  # the other person and the distance, whichever rule accepted
         return [
             (d.candidate, d.distance) if ok and d.candidate is not None else None
             for d, ok in zip(nearest, accepted, strict=True)
         ]
-
-    def _identity_rules(self, site: str) -> list[DecisionRule]:
-        """The duplicate-identity distance, and the site's own calibrated rule when it has one for this encoder: a
-        face the site's doors would let in as someone else is that someone as far as enrolment is concerned."""
-        rules = [self._identity_rule]
-        site_rule = self.store.site_rule(site)
-        if site_rule is not None and site_rule.fingerprint == self.fingerprint:
-            rules.append(site_rule.decision.rule)
-        return rules
 
 
 def person_folders(root: Path) -> list[tuple[str, list[Path]]]:

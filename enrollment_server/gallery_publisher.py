@@ -370,19 +370,17 @@ class GalleryPublisher:
         )
 
     def _site_decision(self, site: str) -> SiteDecision | None:
-        rule = self._store.site_rule(site)
-        if rule is None:
-            return None
-        if rule.fingerprint != self._fingerprint:
+        decision = self._store.site_decision(site, self._fingerprint)
+        stored = None if decision is not None else self._store.site_rule(site)
+        if stored is not None:  # calibrated under another encoder
             log.warning(
                 "site %s: its calibrated rule belongs to encoder %s, this server publishes %s: left out, the edges "
                 "apply their encoder's default (run enrollment-server calibrate --apply again)",
                 site,
-                rule.fingerprint,
+                stored.fingerprint,
                 self._fingerprint,
             )
-            return None
-        return rule.decision
+        return decision
 
     def _previous_chunk_count(self, site: str, recorded: int) -> int:
         return max(recorded, self._high_water.get(site, 0))

@@ -1024,6 +1024,13 @@ class Store:
         )
         return SiteRule(row.site_id, row.fingerprint, decision, row.fpir, row.dir)
 
+    def site_decision(self, site_id: str, fingerprint: str) -> SiteDecision | None:
+        """The rule the site's doors apply when their gallery comes from a server of encoder `fingerprint`: the
+        site's calibrated rule if it was fitted under that encoder, else None (the encoder's default). A rule of
+        another encoder is never published (enrollment_server.gallery_publisher), so nothing else may use it."""
+        rule = self.site_rule(site_id)
+        return rule.decision if rule is not None and rule.fingerprint == fingerprint else None
+
     def clear_site_rule(self, site_id: str) -> bool:
         """Back to the encoder's default; False when the site had no rule of its own."""
         with self._write() as conn:
