@@ -19,6 +19,7 @@ Faces are paired when the centre of our box lies inside dlib's rect (nearest to 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ModelError
+from models.face.encoder import FaceEncoder
 from models.face.pipeline import FacePipeline
 from models.imageio import load_image
 from models.types import FaceEmbedding
@@ -127,7 +129,12 @@ def pair_faces(
     reference: DlibReference,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[PairedFace], int, int]:
-    """Every face found by both pipelines, with the number of images and of images without a common face."""
+    """Every face found by both pipelines, with the number of images and of images without a common face.
+
+    dlib's descriptor is one pass over its chip, so ours is too (no flip averaging, on the same backend): the
+    distances then measure the alignment alone."""
+    single = FaceEncoder(pipeline.encoder.backend, dataclasses.replace(pipeline.encoder.spec, flip_average=False))
+    pipeline = FacePipeline(pipeline.detector, single, pipeline.aligner)
     paired: list[PairedFace] = []
     n = skipped = 0
     for path in images:
