@@ -263,7 +263,7 @@ def cmd_reencode(args: argparse.Namespace, cfg: ServerConfig) -> int:
 
     site = args.site or cfg.site
     store = c.open_store(cfg)
-    reencoder = Reencoder(store, c.make_enroller(cfg, store).pipeline)
+    reencoder = Reencoder(store, c.make_pipeline(cfg))
     total = sum(t.encoder_fingerprint != reencoder.fingerprint for t in store.list_templates(site_id=site))
     with tqdm(total=total, unit="template", desc="reencode", file=sys.stderr, disable=args.quiet) as bar:
         report = reencoder.run(site, dry_run=args.dry_run, progress=bar.update)

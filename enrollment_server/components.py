@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from enrollment_server.store import Store
     from models.contract.mqtt_link import MqttConfig, MqttLink, PahoMqttLink
     from models.contract.signing import Signer
+    from models.face.pipeline import FacePipeline
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,20 @@ def open_store(cfg: ServerConfig) -> Store:
     )
 
 
-def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
-    from enrollment_server.enrollment import Enroller
+def make_pipeline(cfg: ServerConfig) -> FacePipeline:
+    """The face pipeline of the server's encoder (enrollment, reencode)."""
     from models.face.pipeline import FacePipeline, PipelineConfig
 
     e = cfg.enrollment
-    pipeline = FacePipeline.create(
+    return FacePipeline.create(
         PipelineConfig(encoder=e.encoder, accept_licence=e.accept_licence, alignment=e.alignment)
     )
-    return Enroller(store, pipeline, e)
+
+
+def make_enroller(cfg: ServerConfig, store: Store) -> Enroller:
+    from enrollment_server.enrollment import Enroller
+
+    return Enroller(store, make_pipeline(cfg), cfg.enrollment)
 
 
 def fingerprint(cfg: ServerConfig) -> str:

@@ -40,6 +40,7 @@ from models.decision.rules import (
     Neighbours,
     OperatingPoint,
     calibrate,
+    operating_point,
     pairwise_distances,
     template_to_identity_distances,
 )
@@ -155,7 +156,7 @@ def calibrate_site(
         strangers.append(doors)
     kept = min(fits, key=lambda r: r.oriented_threshold)  # the stricter: lower ratio / distance, higher margin
     everyone = Neighbours.concat(strangers)
-    point = _operating_point(kept, everyone, target_fpir, mates, person_of[is_probe])
+    point = operating_point(kept, everyone, target_fpir, mates=mates, mate_labels=person_of[is_probe])
     current = store.site_decision(site, fingerprint)
     in_force = default if current is None else current.rule
     in_force_accepted = int(np.count_nonzero(in_force.accepts(everyone)))
@@ -201,21 +202,3 @@ def _identity_distances(
             block[rows, start + rows] = np.inf
         out[start : start + len(block)] = template_to_identity_distances(block, person_of)[0]
     return out
-
-
-def _operating_point(
-    rule: DecisionRule, strangers: Neighbours, target_fpir: float, mates: Neighbours, mate_labels: np.ndarray
-) -> OperatingPoint:
-    """The figures `calibrate` reports, for a rule whose threshold is already chosen."""
-    accepted = int(np.count_nonzero(rule.accepts(strangers)))
-    hit = rule.accepts(mates) & mates.found & (mates.label1 == mate_labels)
-    return OperatingPoint(
-        rule=rule,
-        target_fpir=target_fpir,
-        fpir=accepted / len(strangers),
-        n_strangers=len(strangers),
-        n_strangers_accepted=accepted,
-        resolvable=len(strangers) * target_fpir >= 1.0 - 1e-9,
-        dir=float(hit.mean()) if hit.size else None,
-        n_mates=int(hit.size),
-    )

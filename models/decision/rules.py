@@ -569,7 +569,7 @@ def calibrate(
     if isinstance(target_fpir, bool) or not 0.0 < float(target_fpir) < 1.0:
         raise ConfigError(f"calibrate: target_fpir must be in (0, 1), got {target_fpir!r}")
     target = float(target_fpir)
-    s = rule.oriented_statistic(strangers) if isinstance(strangers, Neighbours) else _oriented_raw(rule, strangers)
+    s = _oriented(rule, strangers)
     n = int(s.size)
     if n == 0:
         raise DecisionError("calibrate: no stranger statistics")
@@ -579,18 +579,36 @@ def calibrate(
     nxt = s_sorted[allowed]  # the most confident stranger that must be rejected
     below = int(np.searchsorted(s_sorted, nxt, side="left")) - 1  # ties with it must go too
     oriented = float(s_sorted[below]) if below >= 0 else float(np.nextafter(nxt, -np.inf))
-    calibrated = rule.with_threshold(_clamp_threshold(rule, oriented))
-    t_or = calibrated.oriented_threshold
-    n_acc = int(np.count_nonzero(s <= t_or))
-    fpir = n_acc / n
-    if fpir > target:
+    point = operating_point(
+        rule.with_threshold(_clamp_threshold(rule, oriented)), strangers, target, mates=mates, mate_labels=mate_labels
+    )
+    if point.fpir > target:
         log.warning(
             "calibrate: the %s rule cannot reach FPIR %.3g on these strangers (reached %.3g, %d accepted)",
             rule.rule,
             target,
-            fpir,
-            n_acc,
+            point.fpir,
+            point.n_strangers_accepted,
         )
+    return point
+
+
+def operating_point(
+    rule: DecisionRule,
+    strangers: Neighbours | ArrayLike,
+    target_fpir: float,
+    *,
+    mates: Neighbours | ArrayLike | None = None,
+    mate_labels: ArrayLike | None = None,
+) -> OperatingPoint:
+    """What ``rule``, its threshold as it stands, gives on ``strangers`` (and ``mates``): the same inputs and
+    figures as ``calibrate``, without choosing the threshold."""
+    s = _oriented(rule, strangers)
+    n = int(s.size)
+    if n == 0:
+        raise DecisionError("operating point: no stranger statistics")
+    t_or = rule.oriented_threshold
+    n_acc = int(np.count_nonzero(s <= t_or))
     dir_value: float | None = None
     n_mates = 0
     if mates is not None:
@@ -600,21 +618,25 @@ def calibrate(
             truth = np.asarray(mate_labels)
             if truth.shape != mates.label1.shape:
                 raise DecisionError("calibrate: mate_labels must have one label per mate")
-            hit = calibrated.accepts(mates) & mates.found & (mates.label1 == truth)
+            hit = rule.accepts(mates) & mates.found & (mates.label1 == truth)
         else:
             hit = _oriented_raw(rule, mates) <= t_or
         n_mates = int(hit.size)
         dir_value = float(hit.mean()) if n_mates else None
     return OperatingPoint(
-        rule=calibrated,
-        target_fpir=target,
-        fpir=fpir,
+        rule=rule,
+        target_fpir=float(target_fpir),
+        fpir=n_acc / n,
         n_strangers=n,
         n_strangers_accepted=n_acc,
-        resolvable=n * target >= 1.0 - 1e-9,
+        resolvable=n * float(target_fpir) >= 1.0 - 1e-9,
         dir=dir_value,
         n_mates=n_mates,
     )
+
+
+def _oriented(rule: DecisionRule, values: Neighbours | ArrayLike) -> NDArray[np.float64]:
+    return rule.oriented_statistic(values) if isinstance(values, Neighbours) else _oriented_raw(rule, values)
 
 
 def dir_fpir_curve(
