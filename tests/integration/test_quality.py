@@ -110,3 +110,16 @@ def test_yaw_and_pitch_from_landmarks():
         [_synthetic([[60, 80], [140, 80], [140, 120], [90, 150], [140, 150]])], chip[None], QualityConfig(min_blur=0)
     )
     assert v.reason == OFF_FRONTAL and "yaw +0.50" in v.message
+
+
+def test_a_dominant_face_ratio_of_one_or_less_is_refused_naming_the_key(tmp_path):
+    from enrollment_server.config import load_config
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dominant_face_ratio: must be > 1 \(or null: one face only\), got 1.0"):
+        QualityConfig(dominant_face_ratio=1.0)
+    assert QualityConfig(dominant_face_ratio=None).dominant_face_ratio is None  # one face only: allowed
+    config = tmp_path / "server.yaml"
+    config.write_text("enrollment: {quality: {dominant_face_ratio: 0.5}}\n")
+    with pytest.raises(ConfigError, match=r"dominant_face_ratio: must be > 1"):
+        load_config(config)

@@ -16,7 +16,7 @@ from test_server_cli import SITE, Cli, photos
 
 from enrollment_server import components as c
 from enrollment_server import store as st
-from enrollment_server.cli import EXIT_OK, EXIT_PARTIAL
+from enrollment_server.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
 from enrollment_server.config import load_config
 from models.face.encoder import FaceEncoder
 from models.face.encoders import DLIB_RESNET
@@ -122,3 +122,8 @@ def test_old_templates_are_made_again_from_photo_or_chip_and_the_rest_named(
     # a second run finds nothing more it can do, and changes nothing
     code, out, err = cli.json("reencode", "--no-publish")
     assert code == EXIT_PARTIAL and out[0]["reencode"]["reencoded"] == {"photo": 0, "chip": 0}
+
+
+def test_an_unknown_site_is_a_clear_error(cli: Cli):
+    code, _, err = cli("reencode", "--site", "nowhere")
+    assert code == EXIT_FATAL and "nowhere" in err and "Traceback" not in err
